@@ -1,0 +1,22 @@
+# Two entry points: `make demo` (the main job on the shipped example) and `make test`.
+PYTHON ?= python3.11
+VENV   := .venv
+PY     := $(VENV)/bin/python
+OUT    ?= disasm-out/demo
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $@
+
+venv: $(VENV)/.installed
+
+demo: $(VENV)/.installed
+	$(VENV)/bin/disasm-compile examples/shapes_seg.onnx --categories circle,star \
+	    --images examples/data/calib --masks examples/data/eval --out $(OUT) --force
+
+test: $(VENV)/.installed
+	$(PY) -m pytest
+
+.PHONY: venv demo test

@@ -1,0 +1,1 @@
+"""Everything that reads or writes ONNX: loading, channel groups, surgery, and the disasm-compile driver."""

@@ -1,0 +1,173 @@
+"""ONNX channel surgery: apply keep-sets per channel group to a graph, exactly.
+
+compiler.prune takes keep-sets (group id -> sorted kept channel indices), never scores. Every cut is one of the edits
+recorded by the channel analysis, so the surgery is a small loop over edit kinds. The result must equal the masked
+reference (`masked_reference`): the original model with every removed channel zeroed at the input of each consumer.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from disasm.compiler.channels import ChannelAnalysis, Edit, constant_value
+
+
+def _checked_keep_sets(analysis: ChannelAnalysis, keep_sets: Mapping[int, np.ndarray]) -> dict[int, np.ndarray]:
+    clean: dict[int, np.ndarray] = {}
+    for gid, keep in keep_sets.items():
+        group = analysis.groups[gid]
+        keep = np.unique(np.asarray(keep, dtype=np.int64))
+        if keep.size == 0 or keep[0] < 0 or keep[-1] >= group.size:
+            raise ValueError(f"keep-set of group {gid} must be non-empty indices in [0, {group.size}); got {keep.size} "
+                             f"indices in [{keep.min(initial=0)}, {keep.max(initial=0)}]")
+        if group.blocked and keep.size != group.size:
+            raise ValueError(f"group {gid} is blocked ({group.blocked[0]}) and must be kept whole")
+        clean[gid] = keep
+    return clean
+
+
+def _new_constant(graph: gs.Graph, node: gs.Node, index: int, value: np.ndarray) -> None:
+    old = node.inputs[index]
+    name = f"{old.name}__pruned_{node.name or id(node)}_{index}"
+    node.inputs[index] = gs.Constant(name, np.ascontiguousarray(value))
+
+
+def _apply(graph: gs.Graph, analysis: ChannelAnalysis, keep_sets: dict[int, np.ndarray], zero_consumers: bool,
+           replacements: Mapping[tuple[int, int], np.ndarray] | None) -> None:
+    sliced: dict[tuple[int, int], np.ndarray] = {}  # (node index, input index) -> value after the edits so far
+    for edit in analysis.edits:
+        node = graph.nodes[edit.node]
+        kept = edit.channels.kept_indices(keep_sets)
+        if kept.size == edit.channels.size:
+            continue
+        if edit.kind in ("slice", "consume", "shape_entry"):
+            key = (edit.node, edit.input)
+            value = sliced.get(key)
+            value = np.array(constant_value(node.inputs[edit.input])) if value is None else value
+            sliced[key] = _edit_value(value, edit, kept, zero_consumers)
+        elif edit.kind == "group" and not zero_consumers:
+            node.attrs["group"] = int(kept.size)
+        elif edit.kind == "split" and not zero_consumers:
+            _rewrite_split(graph, node, analysis, keep_sets)
+        elif edit.kind == "slice_bounds" and not zero_consumers:
+            _rewrite_slice(graph, node, edit, keep_sets)
+    for (node_index, input_index), value in (replacements or {}).items():
+        sliced[(node_index, input_index)] = value
+    for (node_index, input_index), value in sliced.items():
+        _new_constant(graph, graph.nodes[node_index], input_index, value)
+
+
+def _edit_value(value: np.ndarray, edit: Edit, kept: np.ndarray, zero_consumers: bool) -> np.ndarray:
+    if edit.kind == "shape_entry":
+        if zero_consumers:
+            return value
+        value = value.copy()
+        value[edit.axis] = kept.size
+        return value
+    if not zero_consumers:
+        return np.take(value, kept, axis=edit.axis)
+    if edit.kind == "consume":
+        removed = np.setdiff1d(np.arange(value.shape[edit.axis]), kept)
+        value = value.copy()
+        index = [slice(None)] * value.ndim
+        index[edit.axis] = removed
+        value[tuple(index)] = 0
+    return value
+
+
+def _rewrite_split(graph: gs.Graph, node: gs.Node, analysis: ChannelAnalysis, keep_sets: dict[int, np.ndarray]) -> None:
+    sizes = [int(analysis.tensors[out.name].kept_indices(keep_sets).size) for out in node.outputs]
+    if any(s == 0 for s in sizes):
+        raise ValueError(f"Split {node.name!r}: the keep-sets remove every channel of one of its outputs")
+    node.attrs.pop("num_outputs", None)
+    if "split" in node.attrs:
+        node.attrs["split"] = sizes
+    else:
+        value = np.asarray(sizes, dtype=np.int64)
+        if len(node.inputs) > 1:
+            node.inputs[1] = gs.Constant(f"{node.name or id(node)}__split", value)
+        else:
+            node.inputs.append(gs.Constant(f"{node.name or id(node)}__split", value))
+
+
+def _rewrite_slice(graph: gs.Graph, node: gs.Node, edit: Edit, keep_sets: dict[int, np.ndarray]) -> None:
+    lx = edit.channels
+    if "starts" in node.attrs:
+        starts, ends = list(node.attrs["starts"]), list(node.attrs["ends"])
+    else:
+        starts, ends = constant_value(node.inputs[1]).tolist(), constant_value(node.inputs[2]).tolist()
+    lo, hi, _ = slice(starts[edit.axis], ends[edit.axis]).indices(lx.size)
+    kept = lx.kept_indices(keep_sets)
+    new_lo, new_hi = int(np.searchsorted(kept, lo)), int(np.searchsorted(kept, max(lo, hi)))
+    if new_hi <= new_lo:
+        raise ValueError(f"Slice {node.name!r}: the keep-sets remove every channel it selects")
+    starts[edit.axis], ends[edit.axis] = new_lo, new_hi
+    if "starts" in node.attrs:
+        node.attrs["starts"], node.attrs["ends"] = starts, ends
+    else:
+        dtype = constant_value(node.inputs[1]).dtype
+        node.inputs[1] = gs.Constant(f"{node.inputs[1].name}__pruned_{node.name or id(node)}", np.asarray(starts, dtype))
+        node.inputs[2] = gs.Constant(f"{node.inputs[2].name}__pruned_{node.name or id(node)}", np.asarray(ends, dtype))
+
+
+def _export(graph: gs.Graph, original: onnx.ModelProto, metadata: Mapping[str, str] | None) -> onnx.ModelProto:
+    """Drop stale intermediate shapes, re-infer them, and carry the original's identity and metadata over."""
+    for tensor in graph.tensors().values():
+        if isinstance(tensor, gs.Variable) and tensor not in graph.inputs:
+            tensor.shape = None if tensor not in graph.outputs else tensor.shape
+    graph.cleanup().toposort()
+    proto = gs.export_onnx(graph, do_type_check=False)
+    del proto.graph.value_info[:]
+    proto.ir_version = original.ir_version
+    del proto.opset_import[:]
+    proto.opset_import.extend(original.opset_import)
+    proto.producer_name, proto.producer_version = original.producer_name, original.producer_version
+    props = {p.key: p.value for p in original.metadata_props}
+    props.update(metadata or {})
+    onnx.helper.set_model_props(proto, props)
+    return onnx.shape_inference.infer_shapes(proto, strict_mode=True)
+
+
+def _set_output_channels(graph: gs.Graph, analysis: ChannelAnalysis, keep_sets: dict[int, np.ndarray]) -> None:
+    for out in graph.outputs:
+        lay = analysis.tensors.get(out.name)
+        if lay is not None and out.shape is not None:
+            shape = list(out.shape)
+            shape[lay.axis] = int(lay.kept_indices(keep_sets).size)
+            out.shape = shape
+
+
+def prune(model: onnx.ModelProto, analysis: ChannelAnalysis, keep_sets: Mapping[int, np.ndarray],
+          metadata: Mapping[str, str] | None = None,
+          replacements: Mapping[tuple[int, int], np.ndarray] | None = None) -> onnx.ModelProto:
+    """A new model with only the kept channels of each group. `model` is not modified.
+
+    keep_sets: group id -> kept channel indices (groups not listed are kept whole; blocked groups must be whole).
+    replacements: (node index, input index) -> new constant, for compensated consumer weights/biases, given in the
+    pruned shape. metadata: extra `metadata_props` (e.g. disasm.classes of the kept classes).
+    """
+    keep = _checked_keep_sets(analysis, keep_sets)
+    graph = gs.import_onnx(model)
+    _apply(graph, analysis, keep, zero_consumers=False, replacements=replacements)
+    _set_output_channels(graph, analysis, keep)
+    return _export(graph, model, metadata)
+
+
+def masked_reference(model: onnx.ModelProto, analysis: ChannelAnalysis, keep_sets: Mapping[int, np.ndarray]) -> onnx.ModelProto:
+    """The original model in which every removed channel is zeroed at the input of each consumer. The class group is
+    not sliced here: compare the reference's output restricted to the kept classes with the pruned model's output."""
+    keep = _checked_keep_sets(analysis, keep_sets)
+    if analysis.class_group is not None:
+        keep.pop(analysis.class_group, None)
+    graph = gs.import_onnx(model)
+    _apply(graph, analysis, keep, zero_consumers=True, replacements=None)
+    return _export(graph, model, None)
+
+
+def settings_metadata(settings: Mapping[str, object]) -> str:
+    return json.dumps(settings, sort_keys=True, separators=(",", ":"))

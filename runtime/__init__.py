@@ -1,0 +1,1 @@
+"""Everything that executes compiled artefacts: backends, latency harness, fidelity metrics, reports."""
