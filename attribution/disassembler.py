@@ -1,0 +1,160 @@
+"""The Disassembler (IJCV 2023): category-aware channel attribution for segmentation networks.
+
+For every category k and every tensor a conv consumes (the post-activation maps the next kernels read), on each
+calibration image (shared/algorithm.md section 3):
+  1. high-confidence mask  M_k = P_k > tau, from the model's own output (P = softmax / probabilities / sigmoid);
+  2. forward vector        p[c] = sum_{p in M_k} relu(A[c, p]), normalised to sum 1 over channels;
+  3. backward vector       r[c] = sum_{p in M_k} phi(d y_k / d A[c, p]) with y_k = sum_{p in M_k} z_k(p) (the class
+                           logit), phi = relu (positive gradients), normalised by its max over channels.
+Both vectors are normalised per image and averaged over the images where k has a non-empty mask, so big masks and
+big images do not dominate. One backward pass per (batch, category present) yields the gradients at every observed
+tensor at once. Results are kept as sums plus counts, so shards and cached runs add up exactly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from disasm.attribution.interpreter import TorchGraph
+from disasm.compiler.errors import DisasmError
+
+GRADIENT_POLICIES: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "positive": torch.relu,
+    "negative": lambda g: torch.relu(-g),
+    "absolute": torch.abs,
+}
+TARGETS = ("logit", "prob")
+EPS = 1e-8
+
+
+@dataclass(frozen=True)
+class AttributionSettings:
+    tau: float = 0.8                 # pixel confidence of the high-confidence masks (tau2: 0.8 for VOC in the paper)
+    min_mask_fraction: float = 0.002  # an image counts for a category if its mask covers at least this fraction
+    gradient: str = "positive"       # phi: positive (the paper's best), negative, absolute
+    target: str = "logit"            # back-propagate the masked class logit sum or the masked probability sum
+    batch_size: int = 8
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.tau < 1.0:
+            raise DisasmError(f"tau must be in (0, 1), got {self.tau}")
+        if self.gradient not in GRADIENT_POLICIES:
+            raise DisasmError(f"gradient policy {self.gradient!r} unknown; choose one of {', '.join(GRADIENT_POLICIES)}")
+        if self.target not in TARGETS:
+            raise DisasmError(f"target {self.target!r} unknown; choose one of {', '.join(TARGETS)}")
+        if self.batch_size < 1:
+            raise DisasmError(f"batch size must be >= 1, got {self.batch_size}")
+
+    def to_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+
+@dataclass
+class Attribution:
+    """Per observed tensor, [K, C] sums over images of the per-image forward / backward vectors, and per-category
+    image counts. Means are sums / counts; categories never confidently predicted have count 0 and no scores."""
+
+    tensors: list[str]
+    forward_sum: dict[str, np.ndarray]
+    backward_sum: dict[str, np.ndarray]
+    images_per_class: np.ndarray
+    images: int
+
+    def forward(self, tensor: str) -> np.ndarray:
+        return self.forward_sum[tensor] / np.maximum(self.images_per_class, 1)[:, None]
+
+    def backward(self, tensor: str) -> np.ndarray:
+        return self.backward_sum[tensor] / np.maximum(self.images_per_class, 1)[:, None]
+
+    def merge(self, other: Attribution) -> Attribution:
+        """Sum of two attributions of disjoint image sets with the same settings (sharding, incremental runs)."""
+        return Attribution(self.tensors, {t: self.forward_sum[t] + other.forward_sum[t] for t in self.tensors},
+                           {t: self.backward_sum[t] + other.backward_sum[t] for t in self.tensors},
+                           self.images_per_class + other.images_per_class, self.images + other.images)
+
+
+def _class_probabilities(output: torch.Tensor, kind: str) -> torch.Tensor:
+    if kind == "logits":
+        return torch.softmax(output, dim=1)
+    if kind == "sigmoid":
+        return output if output.min() >= 0 and output.max() <= 1 else torch.sigmoid(output)
+    return output
+
+
+def _class_scores(output: torch.Tensor, kind: str, target: str) -> torch.Tensor:
+    """The per-pixel score whose masked sum is back-propagated: the class logit, or the class probability."""
+    if target == "prob":
+        return _class_probabilities(output, kind)
+    if kind == "probs":  # log-probabilities are logits up to a per-pixel constant
+        return torch.log(output.clamp_min(EPS))
+    if kind == "sigmoid" and output.min() >= 0 and output.max() <= 1:
+        p = output.clamp(EPS, 1 - EPS)
+        return torch.log(p) - torch.log1p(-p)
+    return output
+
+
+def _mask_on_grid(masks: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Masks [B, K, H, W] as area fractions on a tensor's grid: soft weights, so small objects at stride 16-32 still
+    count with the share of the cell they cover (a hard > 0.5 threshold would drop them)."""
+    if masks.shape[-2:] == size:
+        return masks
+    return F.adaptive_avg_pool2d(masks, size)
+
+
+def attribute_batch(graph: TorchGraph, x: torch.Tensor, tensors: list[str], num_classes: int, output_kind: str,
+                    settings: AttributionSettings) -> Attribution:
+    """Disassembler vectors of one batch (sums over its images)."""
+    x = x.detach().requires_grad_(False)
+    values = graph.run({graph.input_names[0]: x}, capture=tensors)
+    output = values[graph.output_names[0]]
+    if output.shape[1] != num_classes:
+        raise DisasmError(f"model output has {output.shape[1]} channels on axis 1, expected {num_classes} classes")
+    with torch.no_grad():
+        masks = (_class_probabilities(output, output_kind) > settings.tau).float()       # [B, K, H, W]
+        present = masks.mean(dim=(2, 3)) >= settings.min_mask_fraction                    # [B, K]
+        masks = masks * present[:, :, None, None]
+    scores = _class_scores(output, output_kind, settings.target)
+    phi = GRADIENT_POLICIES[settings.gradient]
+    batch, k = present.shape
+    forward_sum, backward_sum = {}, {}
+    grid_masks = {t: _mask_on_grid(masks, tuple(values[t].shape[-2:])) for t in tensors}
+    for t in tensors:
+        a = torch.relu(values[t].detach()).flatten(2)                                      # [B, C, P]
+        m = grid_masks[t].flatten(2)                                                       # [B, K, P]
+        fwd = torch.einsum("bkp,bcp->bkc", m, a)
+        fwd = fwd / (fwd.sum(dim=2, keepdim=True) + EPS)
+        forward_sum[t] = (fwd * present[:, :, None]).sum(0).cpu().double().numpy()
+        backward_sum[t] = np.zeros_like(forward_sum[t])
+    for cls in torch.nonzero(present.any(0)).flatten().tolist():
+        y = (scores[:, cls] * masks[:, cls]).sum()
+        grads = torch.autograd.grad(y, [values[t] for t in tensors], retain_graph=True, allow_unused=True)
+        rows = present[:, cls]
+        for t, g in zip(tensors, grads):
+            if g is None:
+                continue  # this tensor does not influence the output (e.g. a dead branch)
+            m = grid_masks[t][:, cls].flatten(1)                                           # [B, P]
+            bwd = torch.einsum("bp,bcp->bc", m, phi(g.detach()).flatten(2))
+            bwd = bwd / (bwd.amax(dim=1, keepdim=True) + EPS)
+            backward_sum[t][cls] += bwd[rows].sum(0).cpu().double().numpy()
+    return Attribution(list(tensors), forward_sum, backward_sum, present.sum(0).cpu().numpy().astype(np.int64), batch)
+
+
+def attribute(graph: TorchGraph, inputs: np.ndarray, tensors: list[str], num_classes: int, output_kind: str,
+              settings: AttributionSettings, progress: Callable[[int, int], None] | None = None) -> Attribution:
+    """Disassembler vectors of a whole calibration set, batch by batch (inputs: preprocessed float32 images)."""
+    total: Attribution | None = None
+    device = graph.device
+    for start in range(0, len(inputs), settings.batch_size):
+        x = torch.from_numpy(inputs[start:start + settings.batch_size]).to(device)
+        part = attribute_batch(graph, x, tensors, num_classes, output_kind, settings)
+        total = part if total is None else total.merge(part)
+        if progress:
+            progress(min(start + settings.batch_size, len(inputs)), len(inputs))
+    if total is None:
+        raise DisasmError("no calibration images to attribute")
+    return total

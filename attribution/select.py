@@ -1,0 +1,130 @@
+"""From per-category channel scores to keep-sets per channel group (shared/algorithm.md section 3, steps 4-7)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from disasm.attribution.disassembler import Attribution
+from disasm.compiler.channels import ChannelAnalysis
+from disasm.compiler.errors import DisasmError
+
+RULES = ("prod", "and")
+
+
+@dataclass(frozen=True)
+class SelectionSettings:
+    alpha: float = 0.1        # keep channel c if its normalised score for any target category exceeds alpha
+    beta: float = 0.2         # second threshold, on the backward vector, for the 'and' rule
+    rule: str = "prod"        # prod: P*R > alpha;  and: P > alpha and R > beta (each normalised by its max)
+    round_to: int = 8         # keep a multiple of this many channels per group (tensor cores want 8 for FP16)
+    last_n: int | None = None  # only groups within this many convs of the output are cut (None: all)
+
+    def __post_init__(self) -> None:
+        if self.rule not in RULES:
+            raise DisasmError(f"combination rule {self.rule!r} unknown; choose one of {', '.join(RULES)}")
+        if not 0.0 <= self.alpha < 1.0 or not 0.0 <= self.beta < 1.0:
+            raise DisasmError(f"alpha and beta must be in [0, 1), got {self.alpha} and {self.beta}")
+        if self.round_to < 1:
+            raise DisasmError(f"round-to must be >= 1, got {self.round_to}")
+        if self.last_n is not None and self.last_n < 1:
+            raise DisasmError(f"last-n must be >= 1, got {self.last_n}")
+
+    def to_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class GroupChoice:
+    """What selection decided for one group, for the report."""
+
+    group: int
+    size: int
+    kept: int      # channels the scores asked for
+    padded: int    # channels added to reach a multiple of round_to
+    reason: str    # why it was kept whole, or '' when cut by score
+
+    @property
+    def total(self) -> int:
+        return self.kept + self.padded
+
+
+def _normalised(v: np.ndarray) -> np.ndarray | None:
+    top = v.max()
+    return v / top if top > 0 else None
+
+
+def category_scores(attribution: Attribution, tensor: str, categories: list[int], settings: SelectionSettings) -> np.ndarray | None:
+    """[C] score of each channel of `tensor` for the target set: max over categories of the combined, max-normalised
+    Disassembler score (so a channel needed by any target is kept: the union of the per-category sets)."""
+    best = None
+    fwd_all, bwd_all = attribution.forward(tensor), attribution.backward(tensor)
+    for k in categories:
+        if attribution.images_per_class[k] == 0:
+            continue
+        fwd, bwd = _normalised(fwd_all[k]), _normalised(bwd_all[k])
+        if fwd is None or bwd is None:
+            continue
+        if settings.rule == "prod":
+            score = _normalised(fwd * bwd)
+            if score is None:
+                continue
+        else:  # 'and': pass both thresholds; score by the smaller margin so rounding adds the nearest misses
+            score = np.minimum(fwd - settings.alpha, bwd - settings.beta) + settings.alpha
+        best = score if best is None else np.maximum(best, score)
+    return best
+
+
+def group_scores(attribution: Attribution, analysis: ChannelAnalysis, categories: list[int],
+                 settings: SelectionSettings) -> dict[int, np.ndarray]:
+    """[size] score per channel of every group that attribution observed; a group seen through several tensors
+    (a residual stream read by several convs, a concat member) takes the max: needed anywhere means kept."""
+    scores: dict[int, np.ndarray] = {}
+    for tensor in attribution.tensors:
+        s = category_scores(attribution, tensor, categories, settings)
+        if s is None:
+            continue
+        offset = 0
+        for seg in analysis.tensors[tensor].segments:
+            part = s[offset:offset + seg.size]
+            offset += seg.size
+            full = scores.setdefault(seg.group, np.full(analysis.groups[seg.group].size, -np.inf))
+            full[seg.start:seg.stop] = np.maximum(full[seg.start:seg.stop], part)
+    return {g: np.where(np.isfinite(s), s, 0.0) for g, s in scores.items()}
+
+
+def class_keep_set(classes: tuple[str, ...], categories: list[str], background: str | None) -> np.ndarray:
+    """Output channels kept: the chosen categories plus background, in the model's original order."""
+    wanted = set(categories) | ({background} if background else set())
+    return np.array([i for i, c in enumerate(classes) if c in wanted], dtype=np.int64)
+
+
+def select_channels(analysis: ChannelAnalysis, scores: dict[int, np.ndarray], settings: SelectionSettings,
+                    class_keep: np.ndarray) -> tuple[dict[int, np.ndarray], list[GroupChoice]]:
+    """Keep-sets per group: channels scoring above alpha, rounded up to a multiple of round_to with the next best."""
+    keep_sets: dict[int, np.ndarray] = {}
+    choices: list[GroupChoice] = []
+    for group in analysis.groups:
+        if group.id == analysis.class_group:
+            keep_sets[group.id] = class_keep
+            choices.append(GroupChoice(group.id, group.size, len(class_keep), 0, "class output: chosen categories"))
+            continue
+        reason = ""
+        if group.blocked:
+            reason = group.blocked[0]
+        elif settings.last_n is not None and group.depth > settings.last_n:
+            reason = f"outside the last {settings.last_n} layers"
+        elif group.id not in scores:
+            reason = "no attribution signal for the chosen categories"
+        if reason:
+            choices.append(GroupChoice(group.id, group.size, group.size, 0, reason))
+            continue
+        s = scores[group.id]
+        wanted = int((s > settings.alpha).sum())
+        total = min(group.size, max(settings.round_to, -(-wanted // settings.round_to) * settings.round_to))
+        order = np.lexsort((np.arange(group.size), -s))  # best first; ties by index keep the result deterministic
+        keep = np.sort(order[:total])
+        keep_sets[group.id] = keep
+        choices.append(GroupChoice(group.id, group.size, min(wanted, total), total - min(wanted, total), ""))
+    return keep_sets, choices

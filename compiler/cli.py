@@ -1,0 +1,306 @@
+"""disasm-compile: specialise a segmentation network to a few categories and prove what it gained and kept.
+
+Example:
+  disasm-compile examples/shapes_seg.onnx --categories circle,star \\
+      --images examples/data/calib --eval-images examples/data/eval/images --masks examples/data/eval/masks
+
+Flow (one direction): load the model -> Disassembler attribution on the calibration images (all categories) ->
+select the channels the chosen categories need -> ONNX surgery -> ONNX Runtime latency of full vs pruned (interleaved,
+same process) and fidelity on the evaluation images -> pruned.onnx, report.json, report.md in --out.
+This module only orchestrates; every algorithm lives in compiler/, attribution/ and runtime/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import hashlib
+import json
+import sys
+import time
+import traceback
+from contextlib import contextmanager
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import onnx
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from disasm.attribution.disassembler import Attribution, AttributionSettings, attribute
+from disasm.attribution.interpreter import TorchGraph
+from disasm.attribution.select import SelectionSettings, class_keep_set, group_scores, select_channels
+from disasm.compiler.channels import ChannelAnalysis, analyse
+from disasm.compiler.cost import model_cost
+from disasm.compiler.errors import DisasmError
+from disasm.compiler.images import load_images, load_masks, preprocess, scan_images
+from disasm.compiler.load import Model, load_model
+from disasm.compiler.prune import prune
+from disasm.runtime.latency import measure_latency, speedup
+from disasm.runtime.metrics import confusion_matrix, iou_from_confusion, label_agreement, restrict_labels, restricted_argmax
+from disasm.runtime.onnxrt import OnnxRuntimeRunner
+from disasm.runtime.report import print_report, write_atomic, write_report
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="disasm-compile", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("model", type=Path, help="the segmentation model (.onnx); never modified")
+    p.add_argument("--categories", required=True, help="comma-separated class names to keep, e.g. circle,star")
+    io = p.add_argument_group("inputs and outputs")
+    io.add_argument("--images", type=Path, required=True, help="calibration image folder (PNG/JPEG) for attribution")
+    io.add_argument("--eval-images", type=Path, help="evaluation image folder for fidelity (default: --images)")
+    io.add_argument("--masks", type=Path, help="ground-truth masks for the evaluation images, matched by file stem "
+                                               "(grey or palette PNG of class indices, 255 = ignore); adds mIoU")
+    io.add_argument("--recursive", action="store_true", help="also read images in subfolders")
+    io.add_argument("--out", type=Path, help="output folder (default: disasm-out/<model>-<categories>)")
+    io.add_argument("--force", action="store_true", help="replace the contents of an existing output folder")
+    at = p.add_argument_group("attribution (Disassembler)")
+    at.add_argument("--tau", type=float, default=AttributionSettings.tau, help="pixel confidence of the category masks (default %(default)s)")
+    at.add_argument("--gradient", default=AttributionSettings.gradient, help="gradient policy: positive, negative, absolute (default %(default)s)")
+    at.add_argument("--target", default=AttributionSettings.target, help="back-propagated score: logit or prob (default %(default)s)")
+    at.add_argument("--batch-size", type=int, default=AttributionSettings.batch_size, help="images per attribution batch (default %(default)s)")
+    at.add_argument("--device", default=None, help="torch device for attribution (default: cuda if available, else cpu)")
+    se = p.add_argument_group("selection")
+    se.add_argument("--alpha", type=float, default=SelectionSettings.alpha, help="keep channels whose normalised score exceeds alpha (default %(default)s)")
+    se.add_argument("--beta", type=float, default=SelectionSettings.beta, help="backward threshold of the 'and' rule (default %(default)s)")
+    se.add_argument("--rule", default=SelectionSettings.rule, help="combination of the two vectors: prod or and (default %(default)s)")
+    se.add_argument("--round-to", type=int, default=SelectionSettings.round_to, help="keep a multiple of this many channels per group (default %(default)s)")
+    se.add_argument("--last-n", type=int, default=None, help="cut only groups within N convs of the output (default: all)")
+    bench = p.add_argument_group("benchmark")
+    bench.add_argument("--runs", type=int, default=30, help="interleaved latency rounds, full vs pruned (default %(default)s)")
+    bench.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads (default: ONNX Runtime's choice)")
+    out = p.add_argument_group("output")
+    out.add_argument("--quiet", action="store_true", help="no progress bars and no table")
+    out.add_argument("--json", action="store_true", help="print report.json to stdout instead of the table")
+    out.add_argument("--verbose", action="store_true", help="show tracebacks of internal errors")
+    return p
+
+
+def parse_categories(text: str, model: Model) -> list[str]:
+    names = [c.strip() for c in text.split(",") if c.strip()]
+    if not names:
+        raise DisasmError("--categories is empty; name at least one class")
+    for name in names:
+        if name not in model.classes:
+            close = difflib.get_close_matches(name, model.classes, n=3, cutoff=0.5)
+            hint = f"; did you mean {', '.join(close)}?" if close else ""
+            raise DisasmError(f"unknown category {name!r}{hint} (classes: {', '.join(model.classes)})")
+    if model.background and model.background in names:
+        names.remove(model.background)  # always kept; naming it is harmless
+    if not names:
+        raise DisasmError("--categories names only the background class; name at least one object class")
+    return names
+
+
+def output_dir(args: argparse.Namespace, categories: list[str]) -> Path:
+    out = args.out or Path("disasm-out") / "-".join([args.model.stem, *categories])
+    inputs = [args.model, args.images, args.eval_images, args.masks]
+    for given in filter(None, inputs):
+        if out.resolve() == given.resolve() or given.resolve().is_relative_to(out.resolve()):
+            raise DisasmError(f"output folder {out} would overwrite the input {given}; choose another --out")
+    if out.exists() and not out.is_dir():
+        raise DisasmError(f"{out}: exists and is not a folder")
+    if out.exists() and any(out.iterdir()) and not args.force:
+        raise DisasmError(f"{out}: output folder exists; pass --force to replace its contents or choose another --out")
+    return out
+
+
+class Stages:
+    """Progress bars and wall-clock time per stage (recorded in the report)."""
+
+    def __init__(self, quiet: bool):
+        self.console = Console(stderr=True, quiet=quiet)
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def stage(self, name: str, total: int | None = None) -> Iterator:
+        start = time.perf_counter()
+        with Progress(TextColumn("{task.description:<14}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                      console=self.console, transient=False) as progress:
+            task = progress.add_task(name, total=total or 1)
+            yield lambda done, _total=None: progress.update(task, completed=done)
+            progress.update(task, completed=total or 1)
+        self.seconds[name] = round(time.perf_counter() - start, 3)
+
+
+def folder_digest(paths: list[Path]) -> str:
+    h = hashlib.sha256()
+    for p in paths:
+        h.update(p.name.encode())
+        h.update(hashlib.sha256(p.read_bytes()).digest())
+    return h.hexdigest()
+
+
+def observed_tensors(analysis: ChannelAnalysis) -> list[str]:
+    """Tensors attribution must look at: the conv inputs of every group that could be cut."""
+    names = {t for g in analysis.groups if g.prunable and g.id != analysis.class_group for t in g.observed}
+    return [t for t in analysis.tensors if t in names]  # graph order, deterministic
+
+
+def save_attribution(attribution: Attribution, folder: Path, meta: dict[str, Any]) -> None:
+    """The per-category sums for all categories, so other category subsets can be chosen from the same run."""
+    arrays = {f"forward/{t}": attribution.forward_sum[t] for t in attribution.tensors}
+    arrays |= {f"backward/{t}": attribution.backward_sum[t] for t in attribution.tensors}
+    arrays["images_per_class"] = attribution.images_per_class
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / ".scores.tmp.npz"
+    np.savez_compressed(tmp, **arrays)
+    tmp.replace(folder / "scores.npz")
+    write_atomic(folder / "meta.json", (json.dumps(meta, indent=2, sort_keys=True) + "\n").encode())
+
+
+def evaluate(full: OnnxRuntimeRunner, pruned: OnnxRuntimeRunner, inputs: np.ndarray, masks: np.ndarray | None,
+             model: Model, kept: np.ndarray, progress) -> dict[str, Any]:
+    """Pixel agreement of pruned vs full (restricted to the kept outputs) and, with masks, restricted mIoU of both."""
+    names = [model.classes[i] for i in kept]
+    background = model.class_index(model.background) if model.background else None
+    num = len(kept)
+    agreement = None
+    cm_full = np.zeros((num, num), np.int64)
+    cm_pruned = np.zeros_like(cm_full)
+    cm_all = np.zeros((len(model.classes),) * 2, np.int64)
+    for i in range(len(inputs)):
+        x = inputs[i:i + 1]
+        logits_full, logits_pruned = full.infer(x)[0], pruned.infer(x)[0]
+        pred_full = restricted_argmax(logits_full, kept)
+        pred_pruned = np.argmax(logits_pruned, axis=1)
+        part = label_agreement(pred_full, pred_pruned)
+        agreement = part if agreement is None else agreement + part
+        if masks is not None:
+            target = restrict_labels(masks[i:i + 1], kept, background)
+            cm_full += confusion_matrix(pred_full, target, num)
+            cm_pruned += confusion_matrix(pred_pruned, target, num)
+            cm_all += confusion_matrix(np.argmax(logits_full, axis=1), masks[i:i + 1], len(model.classes))
+        progress(i + 1)
+    result: dict[str, Any] = {"images": len(inputs), "agreement": agreement.agreement, "miou_full": None,
+                              "miou_pruned": None}
+    if masks is not None:
+        iou_full, iou_pruned = iou_from_confusion(cm_full, names), iou_from_confusion(cm_pruned, names)
+        result |= {"miou_full": iou_full.miou, "miou_pruned": iou_pruned.miou,
+                   "miou_full_all_classes": iou_from_confusion(cm_all, model.classes).miou,
+                   "per_class": {n: {"full": _finite(f), "pruned": _finite(p)}
+                                 for n, f, p in zip(names, iou_full.per_class_iou, iou_pruned.per_class_iou)}}
+    return result
+
+
+def _finite(v: float) -> float | None:
+    return None if np.isnan(v) else float(v)
+
+
+def run(args: argparse.Namespace, stages: Stages) -> dict[str, Any]:
+    model = load_model(args.model)
+    categories = parse_categories(args.categories, model)
+    attribution_settings = AttributionSettings(tau=args.tau, gradient=args.gradient, target=args.target,
+                                               batch_size=args.batch_size)
+    selection_settings = SelectionSettings(alpha=args.alpha, beta=args.beta, rule=args.rule, round_to=args.round_to,
+                                           last_n=args.last_n)
+    if args.runs < 1:
+        raise DisasmError(f"--runs must be >= 1, got {args.runs}")
+    out = output_dir(args, categories)
+    size = model.image_size
+    calib = scan_images(args.images, args.recursive, size)
+    evaluation = scan_images(args.eval_images, args.recursive, size) if args.eval_images else calib
+    masks = load_masks(args.masks, evaluation, size) if args.masks else None
+    calib_inputs = preprocess(load_images(calib.paths, size), model.preprocessing)
+    eval_inputs = calib_inputs if evaluation is calib else preprocess(load_images(evaluation.paths, size), model.preprocessing)
+
+    analysis = analyse(model.proto)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    tensors = observed_tensors(analysis)
+    with stages.stage("attribution", len(calib_inputs)) as progress:
+        graph = TorchGraph(model.proto, device=device)
+        attribution = attribute(graph, calib_inputs, tensors, len(model.classes), model.output_kind,
+                                attribution_settings, progress)
+    missing = [c for c in categories if attribution.images_per_class[model.class_index(c)] == 0]
+    if missing:
+        raise DisasmError(f"no calibration image has confident pixels of {', '.join(missing)} (tau={args.tau}); "
+                          f"add images that contain it or lower --tau")
+
+    with stages.stage("surgery") as progress:
+        category_ids = [model.class_index(c) for c in categories]
+        if model.background:
+            category_ids.append(model.class_index(model.background))
+        scores = group_scores(attribution, analysis, category_ids, selection_settings)
+        class_keep = class_keep_set(model.classes, categories, model.background)
+        keep_sets, choices = select_channels(analysis, scores, selection_settings, class_keep)
+        kept_names = [model.classes[i] for i in class_keep]
+        settings = {"attribution": attribution_settings.to_dict(), "selection": selection_settings.to_dict(),
+                    "categories": categories}
+        metadata = {"disasm.classes": ",".join(kept_names), "disasm.background": model.background or "",
+                    "disasm.output": model.output_kind, **model.preprocessing.metadata(),
+                    "disasm.source_sha256": model.sha256, "disasm.settings": json.dumps(settings, sort_keys=True)}
+        pruned = prune(model.proto, analysis, keep_sets, metadata=metadata)
+        write_atomic(out / "pruned.onnx", pruned.SerializeToString())
+        save_attribution(attribution, out / "attribution",
+                         {"model_sha256": model.sha256, "images_sha256": folder_digest(calib.paths),
+                          "settings": attribution_settings.to_dict(), "classes": list(model.classes),
+                          "tensors": attribution.tensors, "images": attribution.images})
+
+    input_shape = (1, *[d if d else 0 for d in model.input_shape[1:]])
+    if 0 in input_shape:
+        input_shape = (1, *eval_inputs.shape[1:])
+    cost_full, cost_pruned = model_cost(model.proto, input_shape), model_cost(pruned, input_shape)
+    full_runner = OnnxRuntimeRunner(model.path, threads=args.threads)
+    pruned_runner = OnnxRuntimeRunner(out / "pruned.onnx", threads=args.threads)
+    with stages.stage("fidelity", len(eval_inputs)) as progress:
+        fidelity = evaluate(full_runner, pruned_runner, eval_inputs, masks, model, class_keep, progress)
+    with stages.stage("latency", args.runs) as progress:
+        sample = eval_inputs[:1]
+        stats = measure_latency({"full": lambda: full_runner.infer(sample), "pruned": lambda: pruned_runner.infer(sample)},
+                                runs=args.runs, progress=progress)
+
+    per_group = [{"group": c.group, "producers": analysis.groups[c.group].producers, "size": c.size, "kept": c.kept,
+                  "padded": c.padded, "reason": c.reason, "depth": analysis.groups[c.group].depth} for c in choices]
+    cut = [c for c in choices if not c.reason]
+    return {
+        "model": {"path": str(args.model), "sha256": model.sha256, "classes": list(model.classes),
+                  "background": model.background, "input_shape": list(input_shape), "output": model.output_kind},
+        "categories": categories, "kept_classes": kept_names, "out_dir": str(out),
+        "images": {"calibration": len(calib.paths), "calibration_skipped": [str(p) for p, _ in calib.skipped],
+                   "evaluation": len(evaluation.paths), "evaluation_skipped": [str(p) for p, _ in evaluation.skipped],
+                   "masks": bool(masks is not None),
+                   "confident_images_per_class": dict(zip(model.classes, attribution.images_per_class.tolist()))},
+        "settings": settings | {"runs": args.runs, "threads": args.threads, "device": device},
+        "channels": {"groups": len(choices), "cut": len(cut), "whole": len(choices) - len(cut),
+                     "total": sum(c.size for c in choices), "kept": sum(c.total for c in choices), "per_group": per_group},
+        "cost": {"full": cost_full.to_dict(), "pruned": cost_pruned.to_dict(),
+                 "macs_ratio": cost_pruned.macs / cost_full.macs, "params_ratio": cost_pruned.params / cost_full.params},
+        "latency": {"backend": full_runner.name, "runs": args.runs, "full": asdict(stats["full"]),
+                    "pruned": asdict(stats["pruned"]), "speedup": speedup(stats["full"], stats["pruned"])},
+        "fidelity": fidelity,
+        "stage_seconds": stages.seconds,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    stages = Stages(quiet=args.quiet or args.json)
+    try:
+        report = run(args, stages)
+        write_report(report, Path(report["out_dir"]))
+    except DisasmError as e:
+        print(f"disasm-compile: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("disasm-compile: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # a bug, not a user mistake: short message, traceback on request
+        if args.verbose:
+            traceback.print_exc()
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        print(f"disasm-compile: internal error: {type(e).__name__}: {first} (rerun with --verbose for the traceback)",
+              file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(report, indent=2, sort_keys=True))
+    elif not args.quiet:
+        print_report(report, Console())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,79 @@
+"""Static cost of an ONNX model: multiply-accumulates of its conv/matmul layers and its parameter count."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+
+
+@dataclass(frozen=True)
+class Cost:
+    macs: int    # multiply-accumulates of Conv, ConvTranspose, Gemm and MatMul for one image
+    params: int  # elements of float constants (weights, biases, per-channel constants)
+
+    def to_dict(self) -> dict[str, int]:
+        return {"macs": self.macs, "params": self.params}
+
+
+def _with_static_input(model: onnx.ModelProto, input_shape: tuple[int, ...]) -> onnx.ModelProto:
+    fixed = onnx.ModelProto()
+    fixed.CopyFrom(model)
+    initializers = {i.name for i in fixed.graph.initializer}
+    image = next(i for i in fixed.graph.input if i.name not in initializers)
+    dims = image.type.tensor_type.shape.dim
+    for d, size in zip(dims, input_shape):
+        d.Clear()
+        d.dim_value = size
+    del fixed.graph.value_info[:]
+    return onnx.shape_inference.infer_shapes(fixed)
+
+
+def _shapes(model: onnx.ModelProto) -> dict[str, tuple[int, ...]]:
+    shapes = {}
+    for vi in list(model.graph.value_info) + list(model.graph.input) + list(model.graph.output):
+        dims = vi.type.tensor_type.shape.dim
+        if all(d.HasField("dim_value") for d in dims):
+            shapes[vi.name] = tuple(d.dim_value for d in dims)
+    for init in model.graph.initializer:
+        shapes[init.name] = tuple(init.dims)
+    return shapes
+
+
+def count_params(model: onnx.ModelProto) -> int:
+    floats = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16, onnx.TensorProto.DOUBLE}
+    total = sum(int(np.prod(i.dims)) for i in model.graph.initializer if i.data_type in floats)
+    for node in model.graph.node:
+        if node.op_type == "Constant":
+            for attr in node.attribute:
+                if attr.name == "value" and attr.t.data_type in floats:
+                    total += int(np.prod(attr.t.dims))
+    return total
+
+
+def count_macs(model: onnx.ModelProto, input_shape: tuple[int, ...]) -> int:
+    """MACs for one forward pass at `input_shape` (batch included; pass batch 1 for per-image cost)."""
+    shapes = _shapes(_with_static_input(model, input_shape))
+    total = 0
+    for node in model.graph.node:
+        if node.op_type in ("Conv", "ConvTranspose"):
+            weight = shapes.get(node.input[1])
+            ref = shapes.get(node.output[0] if node.op_type == "Conv" else node.input[0])
+            if weight is None or ref is None:
+                raise ValueError(f"cannot count MACs of {node.op_type} {node.name!r}: shapes unknown after inference")
+            # Conv: every output element takes (C_in/group) * k*k MACs. ConvTranspose: every input element scatters
+            # into (C_out/group) * k*k outputs; weight is [C_in, C_out/group, k...].
+            total += int(np.prod(ref)) * int(np.prod(weight[1:]))
+        elif node.op_type in ("Gemm", "MatMul"):
+            a, out = shapes.get(node.input[0]), shapes.get(node.output[0])
+            if a is None or out is None:
+                raise ValueError(f"cannot count MACs of {node.op_type} {node.name!r}: shapes unknown after inference")
+            transposed = node.op_type == "Gemm" and any(at.name == "transA" and at.i for at in node.attribute)
+            inner = a[0] if transposed else a[-1]
+            total += int(np.prod(out)) * inner
+    return total
+
+
+def model_cost(model: onnx.ModelProto, input_shape: tuple[int, ...]) -> Cost:
+    return Cost(macs=count_macs(model, input_shape), params=count_params(model))

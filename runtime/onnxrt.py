@@ -1,0 +1,197 @@
+"""ONNX Runtime backend: one CPU inference session for one ONNX model.
+
+The runner only executes; timing many runners fairly is `disasm.runtime.latency`'s job, and comparing outputs is
+`disasm.runtime.metrics`'. Everything here needs only an ONNX file (or its bytes) and the `onnxruntime` wheel.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Mapping
+
+import numpy as np
+import onnxruntime as ort
+
+#: Allowed values of `optimization`, mapped to ONNX Runtime's graph optimization levels.
+OPTIMIZATION_LEVELS: dict[str, ort.GraphOptimizationLevel] = {
+    "disabled": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+    "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+    "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+    "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+}
+
+#: Execution providers this runner may use, in order of preference.
+SUPPORTED_PROVIDERS: tuple[str, ...] = ("CPUExecutionProvider",)
+
+# ONNX Runtime's input type strings ("tensor(float)") -> numpy dtypes, for clear feed errors.
+_ORT_TYPE_TO_NUMPY: dict[str, np.dtype] = {
+    name: np.dtype(dtype)
+    for name, dtype in {
+        "float": np.float32, "float16": np.float16, "double": np.float64, "bool": np.bool_,
+        "int8": np.int8, "int16": np.int16, "int32": np.int32, "int64": np.int64,
+        "uint8": np.uint8, "uint16": np.uint16, "uint32": np.uint32, "uint64": np.uint64,
+    }.items()
+}
+
+_QUIET_LOG_SEVERITY = 3  # 0 verbose, 1 info, 2 warning, 3 error, 4 fatal
+
+
+class OnnxRuntimeRunner:
+    """CPU EP session for one model (path or serialized bytes).
+
+    Args:
+        model: Path to an ONNX file, or the serialized model bytes. A model with external data (`model.onnx.data`)
+            must be given by path, so ONNX Runtime can find the data next to it.
+        threads: Intra-op threads. Defaults to ONNX Runtime's choice (one per physical core). Set it explicitly
+            when comparing latencies, so both models run under the same conditions. Inter-op threads are always 1
+            and execution is sequential.
+        optimization: Graph optimization level, one of "disabled", "basic", "extended", "all". Defaults to "all".
+
+    The session is created on construction and released by `close()` or by leaving a `with` block.
+
+    Providers are picked from `onnxruntime.get_available_providers()`, restricted to `SUPPORTED_PROVIDERS`
+    (CPUExecutionProvider only, for now). To run on a GPU, replace the `onnxruntime` wheel by `onnxruntime-gpu` of the
+    same version and add "CUDAExecutionProvider" in front of `SUPPORTED_PROVIDERS`. Never install both wheels: they
+    own the same `onnxruntime/` package and overwrite each other's files.
+    """
+
+    name: str = "onnxruntime-cpu"
+
+    def __init__(
+        self,
+        model: str | os.PathLike | bytes,
+        threads: int | None = None,
+        optimization: str = "all",
+    ):
+        self.model_description = _describe_model(model)
+        options = _session_options(threads, optimization)
+        self.providers: list[str] = _pick_providers(ort.get_available_providers())
+        source = bytes(model) if isinstance(model, (bytes, bytearray)) else os.fspath(model)
+        try:
+            self._session: ort.InferenceSession | None = ort.InferenceSession(
+                source, sess_options=options, providers=self.providers
+            )
+        except Exception as error:  # ONNX Runtime's own types (InvalidProtobuf, Fail, ...); keep them, add context.
+            error.add_note(f"while creating an ONNX Runtime session for {self.model_description}")
+            raise
+        self.threads = threads
+        self.optimization = optimization
+        self._inputs = {arg.name: arg for arg in self._session.get_inputs()}
+        self.input_names: list[str] = list(self._inputs)
+        self.input_name: str = self.input_names[0]
+        self.output_names: list[str] = [arg.name for arg in self._session.get_outputs()]
+        #: Wall time of the latest `infer` call in milliseconds (session run only, feed checks excluded).
+        self.last_inference_ms: float | None = None
+
+    def infer(self, feed: np.ndarray | dict[str, np.ndarray]) -> list[np.ndarray]:
+        """Run the model once and return its outputs in `output_names` order.
+
+        Args:
+            feed: The input array (models with one input), or a dict from input name to array.
+        """
+        if self._session is None:
+            raise RuntimeError(f"{self.name}: the session for {self.model_description} is closed; create a new runner")
+        feed_dict = self._feed_dict(feed)
+        for name, array in feed_dict.items():
+            _check_input(self._inputs[name], array)
+        start = time.perf_counter_ns()
+        outputs = self._session.run(self.output_names, feed_dict)
+        self.last_inference_ms = (time.perf_counter_ns() - start) / 1e6
+        return outputs
+
+    def close(self) -> None:
+        """Release the session. `infer` fails afterwards."""
+        self._session = None
+
+    def __enter__(self) -> OnnxRuntimeRunner:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return (
+            f"OnnxRuntimeRunner({self.model_description}, threads={self.threads}, "
+            f"optimization={self.optimization!r}, providers={self.providers})"
+        )
+
+    def _feed_dict(self, feed: np.ndarray | Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if isinstance(feed, np.ndarray):
+            if len(self.input_names) != 1:
+                raise ValueError(
+                    f"{self.name}: the model has {len(self.input_names)} inputs ({', '.join(self.input_names)}); "
+                    "pass a dict from input name to array"
+                )
+            return {self.input_name: feed}
+        if not isinstance(feed, Mapping):
+            raise ValueError(
+                f"{self.name}: feed must be a numpy array or a dict from input name to array, "
+                f"got {type(feed).__name__}"
+            )
+        missing = [name for name in self.input_names if name not in feed]
+        unknown = [name for name in feed if name not in self._inputs]
+        if missing or unknown:
+            raise ValueError(
+                f"{self.name}: feed names do not match the model's inputs: missing {missing}, unknown {unknown}; "
+                f"expected {self.input_names}"
+            )
+        not_arrays = [name for name, value in feed.items() if not isinstance(value, np.ndarray)]
+        if not_arrays:
+            raise ValueError(f"{self.name}: feed values must be numpy arrays; not arrays: {not_arrays}")
+        return dict(feed)
+
+
+def _describe_model(model: object) -> str:
+    if isinstance(model, (bytes, bytearray)):
+        return f"<{len(model)} bytes of ONNX>"
+    if isinstance(model, (str, os.PathLike)):
+        path = os.fspath(model)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"ONNX model not found: {path}")
+        return repr(path)
+    raise ValueError(f"model must be a path or serialized ONNX bytes, got {type(model).__name__}")
+
+
+def _session_options(threads: int | None, optimization: str) -> ort.SessionOptions:
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+        raise ValueError(f"threads must be a positive integer or None (ONNX Runtime's default), got {threads!r}")
+    if optimization not in OPTIMIZATION_LEVELS:
+        raise ValueError(
+            f"unknown optimization level {optimization!r}; choose one of: {', '.join(OPTIMIZATION_LEVELS)}"
+        )
+    options = ort.SessionOptions()
+    if threads is not None:
+        options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.graph_optimization_level = OPTIMIZATION_LEVELS[optimization]
+    options.log_severity_level = _QUIET_LOG_SEVERITY
+    return options
+
+
+def _pick_providers(available: list[str]) -> list[str]:
+    providers = [provider for provider in SUPPORTED_PROVIDERS if provider in available]
+    if not providers:
+        raise RuntimeError(
+            f"ONNX Runtime offers none of the supported execution providers {list(SUPPORTED_PROVIDERS)} "
+            f"(available: {available}); reinstall the onnxruntime wheel pinned in pyproject.toml"
+        )
+    return providers
+
+
+def _check_input(arg: ort.NodeArg, array: np.ndarray) -> None:
+    """Fail with the input's name, expected and actual type/shape before ONNX Runtime fails with less context."""
+    expected_dtype = _ORT_TYPE_TO_NUMPY.get(arg.type.removeprefix("tensor(").removesuffix(")"))
+    if expected_dtype is not None and array.dtype != expected_dtype:
+        raise ValueError(
+            f"input {arg.name!r}: expected dtype {expected_dtype}, got {array.dtype}; "
+            f"convert with .astype(np.{expected_dtype})"
+        )
+    shape = arg.shape
+    if shape is None:
+        return
+    fixed_dims_match = all(not isinstance(dim, int) or dim == actual for dim, actual in zip(shape, array.shape))
+    if len(shape) != array.ndim or not fixed_dims_match:
+        expected = "[" + ", ".join(str(dim) if isinstance(dim, int) else "?" for dim in shape) + "]"
+        raise ValueError(f"input {arg.name!r}: expected shape {expected}, got {list(array.shape)}")
