@@ -57,11 +57,14 @@ class AttributionSettings:
 @dataclass
 class Attribution:
     """Per observed tensor, [K, C] sums over images of the per-image forward / backward vectors, and per-category
-    image counts. Means are sums / counts; categories never confidently predicted have count 0 and no scores."""
+    image counts. Means are sums / counts; categories never confidently predicted have count 0 and no scores.
+    mean_sum holds, per tensor, the [C] sum over images of each channel's spatial mean: the statistics that
+    mean compensation folds into the consumers of cut channels."""
 
     tensors: list[str]
     forward_sum: dict[str, np.ndarray]
     backward_sum: dict[str, np.ndarray]
+    mean_sum: dict[str, np.ndarray]
     images_per_class: np.ndarray
     images: int
 
@@ -71,10 +74,16 @@ class Attribution:
     def backward(self, tensor: str) -> np.ndarray:
         return self.backward_sum[tensor] / np.maximum(self.images_per_class, 1)[:, None]
 
+    def channel_mean(self, tensor: str) -> np.ndarray:
+        return self.mean_sum[tensor] / max(self.images, 1)
+
     def merge(self, other: Attribution) -> Attribution:
         """Sum of two attributions of disjoint image sets with the same settings (sharding, incremental runs)."""
-        return Attribution(self.tensors, {t: self.forward_sum[t] + other.forward_sum[t] for t in self.tensors},
-                           {t: self.backward_sum[t] + other.backward_sum[t] for t in self.tensors},
+        def add(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+            return {t: a[t] + b[t] for t in self.tensors}
+
+        return Attribution(self.tensors, add(self.forward_sum, other.forward_sum),
+                           add(self.backward_sum, other.backward_sum), add(self.mean_sum, other.mean_sum),
                            self.images_per_class + other.images_per_class, self.images + other.images)
 
 
@@ -121,9 +130,10 @@ def attribute_batch(graph: TorchGraph, x: torch.Tensor, tensors: list[str], num_
     scores = _class_scores(output, output_kind, settings.target)
     phi = GRADIENT_POLICIES[settings.gradient]
     batch, k = present.shape
-    forward_sum, backward_sum = {}, {}
+    forward_sum, backward_sum, mean_sum = {}, {}, {}
     grid_masks = {t: _mask_on_grid(masks, tuple(values[t].shape[-2:])) for t in tensors}
     for t in tensors:
+        mean_sum[t] = values[t].detach().flatten(2).mean(2).sum(0).cpu().double().numpy()
         a = torch.relu(values[t].detach()).flatten(2)                                      # [B, C, P]
         m = grid_masks[t].flatten(2)                                                       # [B, K, P]
         fwd = torch.einsum("bkp,bcp->bkc", m, a)
@@ -141,7 +151,7 @@ def attribute_batch(graph: TorchGraph, x: torch.Tensor, tensors: list[str], num_
             bwd = torch.einsum("bp,bcp->bc", m, phi(g.detach()).flatten(2))
             bwd = bwd / (bwd.amax(dim=1, keepdim=True) + EPS)
             backward_sum[t][cls] += bwd[rows].sum(0).cpu().double().numpy()
-    return Attribution(list(tensors), forward_sum, backward_sum, present.sum(0).cpu().numpy().astype(np.int64), batch)
+    return Attribution(list(tensors), forward_sum, backward_sum, mean_sum, present.sum(0).cpu().numpy().astype(np.int64), batch)
 
 
 def attribute(graph: TorchGraph, inputs: np.ndarray, tensors: list[str], num_classes: int, output_kind: str,

@@ -284,8 +284,8 @@ def _conv(ctx: _Context, index: int, node: gs.Node) -> None:
         root = ctx.roots.new(cout, producer=node.name or node.op)
         mine = TensorChannels(1, (Segment(root, 0, cout),))
         ctx.edits.append(Edit(index, "slice", mine, input=1, axis=0 if not transpose else 1))
-        if has_bias:
-            ctx.edits.append(Edit(index, "slice", mine, input=2, axis=0))
+        # Recorded even without a bias: compensation may give the conv one, which must be cut like its outputs.
+        ctx.edits.append(Edit(index, "slice", mine, input=2, axis=0))
         ctx.layout[out.name] = mine
     elif group == cin == cout and not transpose and lx is not None:
         # Depthwise: output channel c depends on input channel c only, so it passes the layout through.

@@ -20,7 +20,7 @@ import sys
 import time
 import traceback
 from contextlib import contextmanager
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -32,7 +32,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from disasm.attribution.disassembler import Attribution, AttributionSettings, attribute
 from disasm.attribution.interpreter import TorchGraph
-from disasm.attribution.select import SelectionSettings, class_keep_set, group_scores, select_channels
+from disasm.attribution.compensate import METHODS as COMPENSATIONS
+from disasm.attribution.compensate import mean_compensation
+from disasm.attribution.select import GroupChoice, SelectionSettings, class_keep_set, group_scores, select_channels
 from disasm.compiler.channels import ChannelAnalysis, analyse
 from disasm.compiler.cost import model_cost
 from disasm.compiler.errors import DisasmError
@@ -40,7 +42,7 @@ from disasm.compiler.images import load_images, load_masks, preprocess, scan_ima
 from disasm.compiler.load import Model, load_model
 from disasm.compiler.prune import prune
 from disasm.runtime.latency import measure_latency, speedup
-from disasm.runtime.metrics import confusion_matrix, iou_from_confusion, label_agreement, restrict_labels, restricted_argmax
+from disasm.runtime.fidelity import evaluate_fidelity
 from disasm.runtime.onnxrt import OnnxRuntimeRunner
 from disasm.runtime.report import print_report, write_atomic, write_report
 
@@ -70,6 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
     se.add_argument("--rule", default=SelectionSettings.rule, help="combination of the two vectors: prod or and (default %(default)s)")
     se.add_argument("--round-to", type=int, default=SelectionSettings.round_to, help="keep a multiple of this many channels per group (default %(default)s)")
     se.add_argument("--last-n", type=int, default=None, help="cut only groups within N convs of the output (default: all)")
+    se.add_argument("--compensate", default="mean", help="fold cut channels into their consumers: none or mean "
+                                                         "(calibration mean into the bias; default %(default)s)")
     bench = p.add_argument_group("benchmark")
     bench.add_argument("--runs", type=int, default=30, help="interleaved latency rounds, full vs pruned (default %(default)s)")
     bench.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads (default: ONNX Runtime's choice)")
@@ -153,42 +157,43 @@ def save_attribution(attribution: Attribution, folder: Path, meta: dict[str, Any
     write_atomic(folder / "meta.json", (json.dumps(meta, indent=2, sort_keys=True) + "\n").encode())
 
 
-def evaluate(full: OnnxRuntimeRunner, pruned: OnnxRuntimeRunner, inputs: np.ndarray, masks: np.ndarray | None,
-             model: Model, kept: np.ndarray, progress) -> dict[str, Any]:
-    """Pixel agreement of pruned vs full (restricted to the kept outputs) and, with masks, restricted mIoU of both."""
-    names = [model.classes[i] for i in kept]
-    background = model.class_index(model.background) if model.background else None
-    num = len(kept)
-    agreement = None
-    cm_full = np.zeros((num, num), np.int64)
-    cm_pruned = np.zeros_like(cm_full)
-    cm_all = np.zeros((len(model.classes),) * 2, np.int64)
-    for i in range(len(inputs)):
-        x = inputs[i:i + 1]
-        logits_full, logits_pruned = full.infer(x)[0], pruned.infer(x)[0]
-        pred_full = restricted_argmax(logits_full, kept)
-        pred_pruned = np.argmax(logits_pruned, axis=1)
-        part = label_agreement(pred_full, pred_pruned)
-        agreement = part if agreement is None else agreement + part
-        if masks is not None:
-            target = restrict_labels(masks[i:i + 1], kept, background)
-            cm_full += confusion_matrix(pred_full, target, num)
-            cm_pruned += confusion_matrix(pred_pruned, target, num)
-            cm_all += confusion_matrix(np.argmax(logits_full, axis=1), masks[i:i + 1], len(model.classes))
-        progress(i + 1)
-    result: dict[str, Any] = {"images": len(inputs), "agreement": agreement.agreement, "miou_full": None,
-                              "miou_pruned": None}
-    if masks is not None:
-        iou_full, iou_pruned = iou_from_confusion(cm_full, names), iou_from_confusion(cm_pruned, names)
-        result |= {"miou_full": iou_full.miou, "miou_pruned": iou_pruned.miou,
-                   "miou_full_all_classes": iou_from_confusion(cm_all, model.classes).miou,
-                   "per_class": {n: {"full": _finite(f), "pruned": _finite(p)}
-                                 for n, f, p in zip(names, iou_full.per_class_iou, iou_pruned.per_class_iou)}}
-    return result
+@dataclass
+class Specialised:
+    """A category-specialised model and the decisions that produced it."""
+
+    pruned: onnx.ModelProto
+    keep_sets: dict[int, np.ndarray]
+    choices: list[GroupChoice]
+    class_keep: np.ndarray
+    kept_classes: list[str]
 
 
-def _finite(v: float) -> float | None:
-    return None if np.isnan(v) else float(v)
+def calibrate(model: Model, analysis: ChannelAnalysis, inputs: np.ndarray, settings: AttributionSettings,
+              device: str, progress=None) -> Attribution:
+    """Disassembler attribution for all categories, on the tensors the surgery could cut."""
+    graph = TorchGraph(model.proto, device=device)
+    return attribute(graph, inputs, observed_tensors(analysis), len(model.classes), model.output_kind, settings,
+                     progress)
+
+
+def specialise(model: Model, analysis: ChannelAnalysis, attribution: Attribution, categories: list[str],
+               selection: SelectionSettings, compensation: str, settings: dict[str, Any]) -> Specialised:
+    """Keep-sets for `categories` (plus background), compensation, and the surgery, with self-describing metadata."""
+    missing = [c for c in categories if attribution.images_per_class[model.class_index(c)] == 0]
+    if missing:
+        raise DisasmError(f"no calibration image has confident pixels of {', '.join(missing)}; add images that "
+                          f"contain it or lower --tau")
+    targets = [model.class_index(c) for c in categories] + ([model.class_index(model.background)] if model.background else [])
+    scores = group_scores(attribution, analysis, targets, selection)
+    class_keep = class_keep_set(model.classes, categories, model.background)
+    keep_sets, choices = select_channels(analysis, scores, selection, class_keep)
+    replacements = mean_compensation(model.proto, analysis, keep_sets, attribution) if compensation == "mean" else None
+    kept_classes = [model.classes[i] for i in class_keep]
+    metadata = {"disasm.classes": ",".join(kept_classes), "disasm.background": model.background or "",
+                "disasm.output": model.output_kind, **model.preprocessing.metadata(),
+                "disasm.source_sha256": model.sha256, "disasm.settings": json.dumps(settings, sort_keys=True)}
+    pruned = prune(model.proto, analysis, keep_sets, metadata=metadata, replacements=replacements)
+    return Specialised(pruned, keep_sets, choices, class_keep, kept_classes)
 
 
 def run(args: argparse.Namespace, stages: Stages) -> dict[str, Any]:
@@ -200,6 +205,8 @@ def run(args: argparse.Namespace, stages: Stages) -> dict[str, Any]:
                                            last_n=args.last_n)
     if args.runs < 1:
         raise DisasmError(f"--runs must be >= 1, got {args.runs}")
+    if args.compensate not in COMPENSATIONS:
+        raise DisasmError(f"--compensate {args.compensate!r} unknown; choose one of {', '.join(COMPENSATIONS)}")
     out = output_dir(args, categories)
     size = model.image_size
     calib = scan_images(args.images, args.recursive, size)
@@ -210,30 +217,13 @@ def run(args: argparse.Namespace, stages: Stages) -> dict[str, Any]:
 
     analysis = analyse(model.proto)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    tensors = observed_tensors(analysis)
     with stages.stage("attribution", len(calib_inputs)) as progress:
-        graph = TorchGraph(model.proto, device=device)
-        attribution = attribute(graph, calib_inputs, tensors, len(model.classes), model.output_kind,
-                                attribution_settings, progress)
-    missing = [c for c in categories if attribution.images_per_class[model.class_index(c)] == 0]
-    if missing:
-        raise DisasmError(f"no calibration image has confident pixels of {', '.join(missing)} (tau={args.tau}); "
-                          f"add images that contain it or lower --tau")
-
-    with stages.stage("surgery") as progress:
-        category_ids = [model.class_index(c) for c in categories]
-        if model.background:
-            category_ids.append(model.class_index(model.background))
-        scores = group_scores(attribution, analysis, category_ids, selection_settings)
-        class_keep = class_keep_set(model.classes, categories, model.background)
-        keep_sets, choices = select_channels(analysis, scores, selection_settings, class_keep)
-        kept_names = [model.classes[i] for i in class_keep]
-        settings = {"attribution": attribution_settings.to_dict(), "selection": selection_settings.to_dict(),
-                    "categories": categories}
-        metadata = {"disasm.classes": ",".join(kept_names), "disasm.background": model.background or "",
-                    "disasm.output": model.output_kind, **model.preprocessing.metadata(),
-                    "disasm.source_sha256": model.sha256, "disasm.settings": json.dumps(settings, sort_keys=True)}
-        pruned = prune(model.proto, analysis, keep_sets, metadata=metadata)
+        attribution = calibrate(model, analysis, calib_inputs, attribution_settings, device, progress)
+    settings = {"attribution": attribution_settings.to_dict(), "selection": selection_settings.to_dict(),
+                "compensation": args.compensate, "categories": categories}
+    with stages.stage("surgery"):
+        result = specialise(model, analysis, attribution, categories, selection_settings, args.compensate, settings)
+        pruned, class_keep, kept_names, choices = result.pruned, result.class_keep, result.kept_classes, result.choices
         write_atomic(out / "pruned.onnx", pruned.SerializeToString())
         save_attribution(attribution, out / "attribution",
                          {"model_sha256": model.sha256, "images_sha256": folder_digest(calib.paths),
@@ -247,7 +237,9 @@ def run(args: argparse.Namespace, stages: Stages) -> dict[str, Any]:
     full_runner = OnnxRuntimeRunner(model.path, threads=args.threads)
     pruned_runner = OnnxRuntimeRunner(out / "pruned.onnx", threads=args.threads)
     with stages.stage("fidelity", len(eval_inputs)) as progress:
-        fidelity = evaluate(full_runner, pruned_runner, eval_inputs, masks, model, class_keep, progress)
+        background = model.class_index(model.background) if model.background else None
+        fidelity = evaluate_fidelity(lambda x: full_runner.infer(x)[0], lambda x: pruned_runner.infer(x)[0],
+                                     eval_inputs, masks, model.classes, class_keep, background, progress)
     with stages.stage("latency", args.runs) as progress:
         sample = eval_inputs[:1]
         stats = measure_latency({"full": lambda: full_runner.infer(sample), "pruned": lambda: pruned_runner.infer(sample)},

@@ -7,7 +7,6 @@ reference (`masked_reference`): the original model with every removed channel ze
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 
 import numpy as np
@@ -31,35 +30,45 @@ def _checked_keep_sets(analysis: ChannelAnalysis, keep_sets: Mapping[int, np.nda
     return clean
 
 
-def _new_constant(graph: gs.Graph, node: gs.Node, index: int, value: np.ndarray) -> None:
-    old = node.inputs[index]
-    name = f"{old.name}__pruned_{node.name or id(node)}_{index}"
-    node.inputs[index] = gs.Constant(name, np.ascontiguousarray(value))
+def _input_value(node: gs.Node, index: int) -> np.ndarray | None:
+    if index >= len(node.inputs) or not node.inputs[index].name:
+        return None  # an omitted optional input, e.g. a conv without bias
+    return np.array(constant_value(node.inputs[index]))
+
+
+def _set_input(node: gs.Node, index: int, value: np.ndarray) -> None:
+    old = node.inputs[index].name if index < len(node.inputs) and node.inputs[index].name else f"{node.name}_input{index}"
+    constant = gs.Constant(f"{old}__pruned_{node.name or id(node)}_{index}", np.ascontiguousarray(value))
+    while len(node.inputs) <= index:
+        node.inputs.append(gs.Variable.empty())
+    node.inputs[index] = constant
 
 
 def _apply(graph: gs.Graph, analysis: ChannelAnalysis, keep_sets: dict[int, np.ndarray], zero_consumers: bool,
            replacements: Mapping[tuple[int, int], np.ndarray] | None) -> None:
-    sliced: dict[tuple[int, int], np.ndarray] = {}  # (node index, input index) -> value after the edits so far
+    """Apply every edit of the analysis. Replacements (compensated weights, in the original shapes) are the starting
+    values of their inputs and are then cut like the originals."""
+    values: dict[tuple[int, int], np.ndarray] = {k: np.array(v) for k, v in (replacements or {}).items()}
     for edit in analysis.edits:
         node = graph.nodes[edit.node]
         kept = edit.channels.kept_indices(keep_sets)
-        if kept.size == edit.channels.size:
-            continue
         if edit.kind in ("slice", "consume", "shape_entry"):
             key = (edit.node, edit.input)
-            value = sliced.get(key)
-            value = np.array(constant_value(node.inputs[edit.input])) if value is None else value
-            sliced[key] = _edit_value(value, edit, kept, zero_consumers)
-        elif edit.kind == "group" and not zero_consumers:
+            value = values.get(key)
+            value = _input_value(node, edit.input) if value is None else value
+            if value is None or kept.size == edit.channels.size:
+                continue
+            values[key] = _edit_value(value, edit, kept, zero_consumers)
+        elif kept.size == edit.channels.size or zero_consumers:
+            continue
+        elif edit.kind == "group":
             node.attrs["group"] = int(kept.size)
-        elif edit.kind == "split" and not zero_consumers:
+        elif edit.kind == "split":
             _rewrite_split(graph, node, analysis, keep_sets)
-        elif edit.kind == "slice_bounds" and not zero_consumers:
+        elif edit.kind == "slice_bounds":
             _rewrite_slice(graph, node, edit, keep_sets)
-    for (node_index, input_index), value in (replacements or {}).items():
-        sliced[(node_index, input_index)] = value
-    for (node_index, input_index), value in sliced.items():
-        _new_constant(graph, graph.nodes[node_index], input_index, value)
+    for (node_index, input_index), value in values.items():
+        _set_input(graph.nodes[node_index], input_index, value)
 
 
 def _edit_value(value: np.ndarray, edit: Edit, kept: np.ndarray, zero_consumers: bool) -> np.ndarray:
@@ -148,8 +157,8 @@ def prune(model: onnx.ModelProto, analysis: ChannelAnalysis, keep_sets: Mapping[
     """A new model with only the kept channels of each group. `model` is not modified.
 
     keep_sets: group id -> kept channel indices (groups not listed are kept whole; blocked groups must be whole).
-    replacements: (node index, input index) -> new constant, for compensated consumer weights/biases, given in the
-    pruned shape. metadata: extra `metadata_props` (e.g. disasm.classes of the kept classes).
+    replacements: (node index, input index) -> new constant for compensated consumer weights/biases, given in the
+    original shape (a conv without bias may get one); the surgery cuts them like the originals. metadata: extra `metadata_props` (e.g. disasm.classes of the kept classes).
     """
     keep = _checked_keep_sets(analysis, keep_sets)
     graph = gs.import_onnx(model)
@@ -158,16 +167,15 @@ def prune(model: onnx.ModelProto, analysis: ChannelAnalysis, keep_sets: Mapping[
     return _export(graph, model, metadata)
 
 
-def masked_reference(model: onnx.ModelProto, analysis: ChannelAnalysis, keep_sets: Mapping[int, np.ndarray]) -> onnx.ModelProto:
-    """The original model in which every removed channel is zeroed at the input of each consumer. The class group is
-    not sliced here: compare the reference's output restricted to the kept classes with the pruned model's output."""
+def masked_reference(model: onnx.ModelProto, analysis: ChannelAnalysis, keep_sets: Mapping[int, np.ndarray],
+                     replacements: Mapping[tuple[int, int], np.ndarray] | None = None) -> onnx.ModelProto:
+    """The original model in which every removed channel is zeroed at the input of each consumer (whose weights and
+    bias are first replaced by `replacements`, when compensated). The class group is not sliced here: compare the
+    reference's output restricted to the kept classes with the pruned model's output."""
     keep = _checked_keep_sets(analysis, keep_sets)
     if analysis.class_group is not None:
         keep.pop(analysis.class_group, None)
     graph = gs.import_onnx(model)
-    _apply(graph, analysis, keep, zero_consumers=True, replacements=None)
+    _apply(graph, analysis, keep, zero_consumers=True, replacements=replacements)
     return _export(graph, model, None)
 
-
-def settings_metadata(settings: Mapping[str, object]) -> str:
-    return json.dumps(settings, sort_keys=True, separators=(",", ":"))

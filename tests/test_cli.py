@@ -1,0 +1,150 @@
+"""disasm-compile end to end on the shipped example, and its answers to bad input (one line, exit code 2)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+from disasm.compiler.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLE = ROOT / "examples" / "shapes_seg.onnx"
+DATA = ROOT / "examples" / "data"
+pytestmark = pytest.mark.skipif(not EXAMPLE.exists(), reason="example model not built")
+
+
+@pytest.fixture(scope="module")
+def small_data(tmp_path_factory) -> Path:
+    """A few calibration and evaluation images, so the end-to-end run takes seconds."""
+    root = tmp_path_factory.mktemp("data")
+    for sub, count in (("calib", 16), ("eval/images", 8), ("eval/masks", 8)):
+        (root / sub).mkdir(parents=True)
+        for p in sorted((DATA / sub).glob("*.png"))[:count]:
+            shutil.copy(p, root / sub / p.name)
+    return root
+
+
+def compile_args(data: Path, out: Path, *extra: str) -> list[str]:
+    return [str(EXAMPLE), "--categories", "circle,star", "--images", str(data / "calib"),
+            "--eval-images", str(data / "eval/images"), "--masks", str(data / "eval/masks"), "--out", str(out),
+            "--runs", "3", "--quiet", *extra]
+
+
+@pytest.fixture(scope="module")
+def compiled(small_data, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("out") / "run"
+    assert main(compile_args(small_data, out)) == 0
+    return out
+
+
+def test_compile_writes_a_smaller_model_for_the_chosen_classes(compiled, small_data):
+    report = json.loads((compiled / "report.json").read_text())
+    assert report["kept_classes"] == ["background", "circle", "star"]
+    assert report["cost"]["pruned"]["macs"] < report["cost"]["full"]["macs"]
+    assert report["cost"]["pruned"]["params"] < report["cost"]["full"]["params"]
+    assert 0.0 <= report["fidelity"]["agreement"] <= 1.0
+    assert report["fidelity"]["miou_full"] is not None and report["fidelity"]["miou_pruned"] is not None
+    assert report["latency"]["full"]["runs"] == 3 and report["latency"]["speedup"] > 0
+    assert "## Channel groups" in (compiled / "report.md").read_text()
+    assert (compiled / "attribution" / "scores.npz").exists()
+
+    pruned = onnx.load(str(compiled / "pruned.onnx"))
+    meta = {p.key: p.value for p in pruned.metadata_props}
+    assert meta["disasm.classes"] == "background,circle,star"
+    assert meta["disasm.background"] == "background"
+    assert meta["disasm.source_sha256"] == report["model"]["sha256"]
+    assert json.loads(meta["disasm.settings"])["categories"] == ["circle", "star"]
+    session = ort.InferenceSession(str(compiled / "pruned.onnx"), providers=["CPUExecutionProvider"])
+    out = session.run(None, {"image": np.zeros((1, 3, 128, 128), np.float32)})[0]
+    assert out.shape == (1, 3, 128, 128)
+
+
+def test_same_inputs_give_the_same_pruned_model_bytes(compiled, small_data, tmp_path):
+    assert main(compile_args(small_data, tmp_path / "again")) == 0
+    assert (tmp_path / "again" / "pruned.onnx").read_bytes() == (compiled / "pruned.onnx").read_bytes()
+
+
+def test_json_flag_prints_the_report(small_data, tmp_path, capsys):
+    assert main(compile_args(small_data, tmp_path / "j", "--json")) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed == json.loads((tmp_path / "j" / "report.json").read_text())
+
+
+def error_line(capsys, argv: list[str]) -> str:
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "Traceback" not in err
+    return err
+
+
+def test_missing_model_file(capsys, small_data, tmp_path):
+    args = compile_args(small_data, tmp_path / "o")
+    args[0] = str(tmp_path / "nope.onnx")
+    assert "no such file" in error_line(capsys, args)
+
+
+def test_file_that_is_not_onnx(capsys, small_data, tmp_path):
+    fake = tmp_path / "fake.onnx"
+    fake.write_text("this is not a protobuf")
+    args = compile_args(small_data, tmp_path / "o")
+    args[0] = str(fake)
+    assert "not an ONNX model" in error_line(capsys, args)
+
+
+def test_unknown_category_suggests_the_closest_names(capsys, small_data, tmp_path):
+    args = compile_args(small_data, tmp_path / "o")
+    args[2] = "circel,star"
+    assert "did you mean circle" in error_line(capsys, args)
+
+
+def test_empty_image_folder(capsys, small_data, tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "notes.txt").write_text("no images here")
+    args = compile_args(small_data, tmp_path / "o")
+    args[args.index("--images") + 1] = str(empty)
+    assert "no readable images" in error_line(capsys, args)
+
+
+def test_unreadable_images_are_skipped_and_counted(small_data, tmp_path):
+    calib = tmp_path / "calib"
+    shutil.copytree(small_data / "calib", calib)
+    (calib / "broken.png").write_bytes(b"\x89PNG not really")
+    args = compile_args(small_data, tmp_path / "o")
+    args[args.index("--images") + 1] = str(calib)
+    assert main(args) == 0
+    report = json.loads((tmp_path / "o" / "report.json").read_text())
+    assert report["images"]["calibration_skipped"] == [str(calib / "broken.png")]
+    assert report["images"]["calibration"] == 16
+
+
+def test_existing_output_folder_needs_force(capsys, compiled, small_data):
+    assert "--force" in error_line(capsys, compile_args(small_data, compiled))
+
+
+def test_model_that_is_not_a_segmentation_network(capsys, small_data, tmp_path):
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph([helper.make_node("Flatten", ["x"], ["y"])], "classifier",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 192])])
+    path = tmp_path / "classifier.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    args = compile_args(small_data, tmp_path / "o")
+    args[0] = str(path)
+    assert "segmentation network" in error_line(capsys, args)
+
+
+def test_console_script_help_documents_the_options():
+    result = subprocess.run([sys.executable, "-m", "disasm.compiler.cli", "--help"], capture_output=True, text=True)
+    assert result.returncode == 0
+    for option in ("--categories", "--images", "--masks", "--out", "--force", "--alpha", "--round-to", "--json"):
+        assert option in result.stdout

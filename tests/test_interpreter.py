@@ -1,0 +1,686 @@
+"""The ONNX-to-PyTorch interpreter against ONNX Runtime: per-op golden cases, exported conv nets, gradients, errors."""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from helpers_onnx import OpCase, assert_close_to_ort, make_model, run_ort
+from onnx import TensorProto, helper, numpy_helper
+
+from disasm.attribution.interpreter import TorchGraph
+from disasm.compiler.errors import DisasmError, UnsupportedOpsError
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "shapes_seg.onnx"
+INT64_MAX = np.iinfo(np.int64).max
+INT64_MIN = np.iinfo(np.int64).min
+
+
+def _rand(*shape: int, seed: int = 0, low: float = -2.0, high: float = 2.0) -> np.ndarray:
+    return np.random.default_rng(seed).uniform(low, high, shape).astype(np.float32)
+
+
+def _i64(*values: int) -> np.ndarray:
+    return np.array(values, dtype=np.int64)
+
+
+def _f32(*values: float) -> np.ndarray:
+    return np.array(values, dtype=np.float32)
+
+
+X4 = _rand(1, 4, 5, 6)
+X_POS = _rand(2, 3, 4, low=0.1, high=3.0)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Golden per-op cases (one factory per op family; ids name the tricky attribute)
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def elementwise_cases() -> list[OpCase]:
+    x = _rand(2, 3, 4)
+    cases = [OpCase(op, op, ["x"], {"x": x}) for op in
+             ["Relu", "Sigmoid", "Tanh", "Exp", "Neg", "Abs", "Erf", "Floor", "Ceil", "Softplus", "Identity"]]
+    cases += [OpCase(op, op, ["x"], {"x": X_POS}) for op in ["Log", "Sqrt", "Reciprocal"]]
+    cases += [
+        OpCase("HardSwish", "HardSwish", ["x"], {"x": x * 3}, opset=14),
+        OpCase("LeakyRelu-default", "LeakyRelu", ["x"], {"x": x}),
+        OpCase("LeakyRelu-alpha", "LeakyRelu", ["x"], {"x": x}, attrs={"alpha": 0.3}),
+        OpCase("PRelu-channel-slope", "PRelu", ["x", "s"], {"x": X4}, {"s": _rand(4, 1, 1, seed=1)}),
+        OpCase("HardSigmoid", "HardSigmoid", ["x"], {"x": x * 4}, attrs={"alpha": 0.3, "beta": 0.4}),
+        OpCase("Elu", "Elu", ["x"], {"x": x}, attrs={"alpha": 0.7}),
+        OpCase("Selu-default", "Selu", ["x"], {"x": x}),
+        OpCase("Selu-custom", "Selu", ["x"], {"x": x}, attrs={"alpha": 1.5, "gamma": 0.9}),
+        OpCase("Gelu-none", "Gelu", ["x"], {"x": x}, opset=20),
+        OpCase("Gelu-tanh", "Gelu", ["x"], {"x": x}, attrs={"approximate": "tanh"}, opset=20),
+        OpCase("Clip-6-attrs", "Clip", ["x"], {"x": x}, attrs={"min": -0.5, "max": 1.0}, opset=6),
+        OpCase("Clip-6-relu6", "Clip", ["x"], {"x": x * 5}, attrs={"min": 0.0, "max": 6.0}, opset=9),
+        OpCase("Clip-11-both", "Clip", ["x", "lo", "hi"], {"x": x}, {"lo": _f32(-1)[0], "hi": _f32(0.5)[0]}, opset=11),
+        OpCase("Clip-13-max-only", "Clip", ["x", "", "hi"], {"x": x}, {"hi": _f32(0.2)[0]}, opset=13),
+        OpCase("Clip-13-none", "Clip", ["x"], {"x": x}, opset=13),
+        OpCase("Not", "Not", ["b"], {"b": x > 0}),
+    ]
+    return cases
+
+
+def binary_cases() -> list[OpCase]:
+    a, b = _rand(2, 3, 4, seed=1), _rand(3, 1, seed=2)
+    ints_a, ints_b = _i64(7, -7, 9, 4), _i64(2, 2, -4, 4)
+    cases = [OpCase(f"{op}-broadcast", op, ["a", "b"], {"a": a, "b": b}) for op in ["Add", "Sub", "Mul", "Div"]]
+    cases += [
+        OpCase("Div-int-truncates", "Div", ["a", "b"], {"a": ints_a, "b": ints_b}),
+        OpCase("Pow-float", "Pow", ["a", "b"], {"a": X_POS, "b": _rand(4, seed=3)}),
+        OpCase("Pow-int-exponent", "Pow", ["a", "b"], {"a": a}, {"b": np.array(2, dtype=np.int64)}),
+        OpCase("Equal-int", "Equal", ["a", "b"], {"a": ints_a, "b": ints_b * 0 + 4}),
+        OpCase("Greater", "Greater", ["a", "b"], {"a": a, "b": b}),
+        OpCase("Less", "Less", ["a", "b"], {"a": a, "b": b}),
+        OpCase("And", "And", ["a", "b"], {"a": a > 0, "b": b > -1}),
+        OpCase("Where", "Where", ["c", "a", "b"], {"c": a > 0, "a": a, "b": b}),
+        OpCase("MatMul-2d", "MatMul", ["a", "b"], {"a": _rand(3, 4)}, {"b": _rand(4, 5, seed=4)}),
+        OpCase("MatMul-batched", "MatMul", ["a", "b"], {"a": _rand(2, 3, 4)}, {"b": _rand(4, 2, seed=4)}),
+        OpCase("Gemm-default", "Gemm", ["a", "b", "c"], {"a": _rand(3, 4)}, {"b": _rand(4, 5, seed=5),
+                                                                             "c": _rand(5, seed=6)}),
+        OpCase("Gemm-trans-alpha-beta", "Gemm", ["a", "b", "c"], {"a": _rand(4, 3)},
+               {"b": _rand(5, 4, seed=5), "c": _rand(3, 1, seed=6)},
+               attrs={"transA": 1, "transB": 1, "alpha": 0.5, "beta": 2.0}),
+        OpCase("Gemm-no-c", "Gemm", ["a", "b"], {"a": _rand(3, 4)}, {"b": _rand(4, 2, seed=5)}),
+    ]
+    for op in ["Sum", "Max", "Min", "Mean"]:
+        cases.append(OpCase(f"{op}-variadic", op, ["a", "b", "c"],
+                            {"a": a, "b": b, "c": _rand(4, seed=7)}))
+    cases.append(OpCase("Max-single", "Max", ["a"], {"a": a}))
+    return cases
+
+
+def conv_cases() -> list[OpCase]:
+    x = _rand(1, 4, 7, 8)
+    w = _rand(6, 4, 3, 3, seed=1)
+    bias = _rand(6, seed=2)
+    cases = [
+        OpCase("Conv-pads", "Conv", ["x", "w", "b"], {"x": x}, {"w": w, "b": bias}, {"pads": [1, 1, 1, 1]}),
+        OpCase("Conv-no-bias-stride-dilation", "Conv", ["x", "w"], {"x": x}, {"w": w},
+               {"strides": [2, 1], "dilations": [2, 2], "pads": [2, 1, 2, 1]}),
+        OpCase("Conv-asymmetric-pads", "Conv", ["x", "w", "b"], {"x": x}, {"w": w, "b": bias}, {"pads": [0, 2, 1, 0]}),
+        OpCase("Conv-group", "Conv", ["x", "w"], {"x": x}, {"w": _rand(6, 2, 3, 3, seed=3)}, {"group": 2}),
+        OpCase("Conv-depthwise", "Conv", ["x", "w"], {"x": x}, {"w": _rand(4, 1, 3, 3, seed=3)},
+               {"group": 4, "pads": [1, 1, 1, 1]}),
+        OpCase("Conv-1d", "Conv", ["x", "w"], {"x": _rand(1, 2, 9)}, {"w": _rand(3, 2, 3, seed=3)},
+               {"pads": [1, 0], "strides": [2]}),
+        OpCase("Conv-3d", "Conv", ["x", "w"], {"x": _rand(1, 2, 4, 5, 4)}, {"w": _rand(3, 2, 3, 3, 3, seed=3)},
+               {"pads": [1, 1, 1, 1, 1, 1]}),
+    ]
+    for auto_pad, stride in itertools.product(["SAME_UPPER", "SAME_LOWER", "VALID"], [1, 2]):
+        cases.append(OpCase(f"Conv-{auto_pad}-s{stride}", "Conv", ["x", "w"], {"x": x}, {"w": _rand(3, 4, 4, 3)},
+                            {"auto_pad": auto_pad, "strides": [stride, stride]}))
+    wt = _rand(4, 3, 3, 3, seed=4)
+    cases += [
+        OpCase("ConvTranspose-s2-p1-outpad", "ConvTranspose", ["x", "w", "b"], {"x": x}, {"w": wt, "b": _rand(3)},
+               {"strides": [2, 2], "pads": [1, 1, 1, 1], "output_padding": [1, 0]}),
+        OpCase("ConvTranspose-asymmetric-pads", "ConvTranspose", ["x", "w"], {"x": x}, {"w": wt},
+               {"strides": [2, 1], "pads": [0, 1, 2, 0]}),
+        OpCase("ConvTranspose-group-dilation", "ConvTranspose", ["x", "w"], {"x": x}, {"w": _rand(4, 2, 3, 3)},
+               {"group": 2, "dilations": [2, 1]}),
+        OpCase("ConvTranspose-output-shape", "ConvTranspose", ["x", "w"], {"x": x}, {"w": wt},
+               {"strides": [2, 2], "output_shape": [15, 16]}),
+        OpCase("ConvTranspose-SAME_UPPER", "ConvTranspose", ["x", "w"], {"x": x}, {"w": wt},
+               {"strides": [2, 2], "auto_pad": "SAME_UPPER"}),
+        OpCase("ConvTranspose-SAME_LOWER", "ConvTranspose", ["x", "w"], {"x": x}, {"w": wt},
+               {"strides": [2, 2], "auto_pad": "SAME_LOWER"}),
+    ]
+    stats = {"s": _rand(4, seed=1), "b": _rand(4, seed=2), "m": _rand(4, seed=3), "v": _rand(4, seed=4, low=0.5)}
+    cases += [
+        OpCase(f"BatchNormalization-{opset}", "BatchNormalization", ["x", "s", "b", "m", "v"], {"x": X4}, stats,
+               {"epsilon": 1e-3}, opset=opset) for opset in (9, 15)
+    ]
+    cases.append(OpCase("InstanceNormalization", "InstanceNormalization", ["x", "s", "b"], {"x": X4},
+                        {"s": stats["s"], "b": stats["b"]}, {"epsilon": 1e-4}))
+    return cases
+
+
+def pool_cases() -> list[OpCase]:
+    x = _rand(1, 3, 7, 8)
+    cases = [
+        OpCase("MaxPool-2x2", "MaxPool", ["x"], {"x": x}, attrs={"kernel_shape": [2, 2], "strides": [2, 2]}),
+        OpCase("MaxPool-3x3-s2-p1", "MaxPool", ["x"], {"x": x},
+               attrs={"kernel_shape": [3, 3], "strides": [2, 2], "pads": [1, 1, 1, 1]}),
+        OpCase("MaxPool-ceil", "MaxPool", ["x"], {"x": x},
+               attrs={"kernel_shape": [3, 2], "strides": [2, 3], "ceil_mode": 1}),
+        OpCase("MaxPool-ceil-pads", "MaxPool", ["x"], {"x": x},
+               attrs={"kernel_shape": [3, 3], "strides": [2, 2], "pads": [1, 1, 1, 1], "ceil_mode": 1}),
+        OpCase("MaxPool-asymmetric-pads", "MaxPool", ["x"], {"x": x},
+               attrs={"kernel_shape": [3, 3], "pads": [0, 1, 2, 0]}),
+        OpCase("MaxPool-dilations", "MaxPool", ["x"], {"x": x},
+               attrs={"kernel_shape": [2, 2], "dilations": [2, 2], "pads": [1, 1, 1, 1]}),
+        OpCase("MaxPool-SAME_UPPER", "MaxPool", ["x"], {"x": x},
+               attrs={"kernel_shape": [3, 3], "strides": [2, 2], "auto_pad": "SAME_UPPER"}),
+        OpCase("MaxPool-SAME_LOWER", "MaxPool", ["x"], {"x": x},
+               attrs={"kernel_shape": [2, 2], "strides": [1, 1], "auto_pad": "SAME_LOWER"}),
+        OpCase("MaxPool-opset8", "MaxPool", ["x"], {"x": x}, attrs={"kernel_shape": [2, 2], "strides": [2, 2]},
+               opset=8),
+        OpCase("MaxPool-1d", "MaxPool", ["x"], {"x": _rand(1, 2, 9)}, attrs={"kernel_shape": [3], "strides": [2]}),
+        OpCase("AveragePool-plain", "AveragePool", ["x"], {"x": x}, attrs={"kernel_shape": [2, 3], "strides": [2, 2]}),
+        OpCase("GlobalAveragePool", "GlobalAveragePool", ["x"], {"x": x}),
+        OpCase("GlobalMaxPool", "GlobalMaxPool", ["x"], {"x": x}),
+    ]
+    for include, ceil in itertools.product([0, 1], [0, 1]):
+        cases.append(OpCase(f"AveragePool-pads-include{include}-ceil{ceil}", "AveragePool", ["x"], {"x": x},
+                            attrs={"kernel_shape": [3, 3], "strides": [2, 2], "pads": [1, 0, 1, 2],
+                                   "count_include_pad": include, "ceil_mode": ceil}))
+    for auto_pad in ["SAME_UPPER", "SAME_LOWER"]:
+        cases.append(OpCase(f"AveragePool-{auto_pad}", "AveragePool", ["x"], {"x": x},
+                            attrs={"kernel_shape": [3, 2], "strides": [2, 2], "auto_pad": auto_pad}))
+    cases.append(OpCase("AveragePool-19-dilations", "AveragePool", ["x"], {"x": x}, opset=19,
+                        attrs={"kernel_shape": [2, 2], "dilations": [2, 1], "pads": [1, 1, 1, 1]}))
+    return cases
+
+
+def reduce_cases() -> list[OpCase]:
+    x = _rand(2, 3, 4, 5)
+    cases = []
+    for op in ["ReduceMean", "ReduceMax", "ReduceMin"]:
+        cases += [
+            OpCase(f"{op}-13-attr", op, ["x"], {"x": x}, attrs={"axes": [2, -1]}, opset=13),
+            OpCase(f"{op}-13-all-keepdims0", op, ["x"], {"x": x}, attrs={"keepdims": 0}, opset=13),
+            OpCase(f"{op}-18-input", op, ["x", "axes"], {"x": x}, {"axes": _i64(-2, 1)}, opset=18),
+            OpCase(f"{op}-18-noop", op, ["x"], {"x": x}, attrs={"noop_with_empty_axes": 1}, opset=18),
+        ]
+    cases += [
+        OpCase("ReduceSum-11-attr", "ReduceSum", ["x"], {"x": x}, attrs={"axes": [1], "keepdims": 0}, opset=11),
+        OpCase("ReduceSum-13-input", "ReduceSum", ["x", "axes"], {"x": x}, {"axes": _i64(-1)}, opset=13),
+        OpCase("ReduceSum-13-all", "ReduceSum", ["x"], {"x": x}, opset=13),
+        OpCase("ReduceSum-13-noop", "ReduceSum", ["x", "axes"], {"x": x}, {"axes": _i64()},
+               attrs={"noop_with_empty_axes": 1}, opset=13),
+    ]
+    for op, opset, axis in itertools.product(["Softmax", "LogSoftmax"], [11, 13], [1, -1]):
+        cases.append(OpCase(f"{op}-{opset}-axis{axis}", op, ["x"], {"x": x}, attrs={"axis": axis}, opset=opset))
+    ties = np.array([[1, 3, 3, 0], [2, 2, 1, 2]], dtype=np.float32)
+    cases += [
+        OpCase("ArgMax-keepdims", "ArgMax", ["x"], {"x": x}, attrs={"axis": 1}),
+        OpCase("ArgMax-noKeep-negative-axis", "ArgMax", ["x"], {"x": x}, attrs={"axis": -1, "keepdims": 0}),
+        OpCase("ArgMax-ties-first", "ArgMax", ["x"], {"x": ties}, attrs={"axis": 1}),
+        OpCase("ArgMax-ties-last", "ArgMax", ["x"], {"x": ties}, attrs={"axis": 1, "select_last_index": 1}),
+    ]
+    return cases
+
+
+def shape_cases() -> list[OpCase]:
+    x = _rand(2, 3, 4, 5)
+    return [
+        OpCase("Shape", "Shape", ["x"], {"x": x}),
+        OpCase("Shape-start-end", "Shape", ["x"], {"x": x}, attrs={"start": 1, "end": -1}, opset=15),
+        OpCase("Size", "Size", ["x"], {"x": x}),
+        OpCase("Reshape-0-and-minus1", "Reshape", ["x", "s"], {"x": x}, {"s": _i64(0, -1, 5)}),
+        OpCase("Reshape-allowzero", "Reshape", ["x", "s"], {"x": np.zeros((0, 4), np.float32)}, {"s": _i64(4, 0)},
+               attrs={"allowzero": 1}, opset=14),
+        OpCase("Flatten-axis0", "Flatten", ["x"], {"x": x}, attrs={"axis": 0}),
+        OpCase("Flatten-axis2", "Flatten", ["x"], {"x": x}, attrs={"axis": 2}),
+        OpCase("Flatten-negative", "Flatten", ["x"], {"x": x}, attrs={"axis": -1}),
+        OpCase("Transpose-perm", "Transpose", ["x"], {"x": x}, attrs={"perm": [0, 2, 3, 1]}),
+        OpCase("Transpose-default", "Transpose", ["x"], {"x": x}),
+        OpCase("Unsqueeze-11-attr", "Unsqueeze", ["x"], {"x": x}, attrs={"axes": [0, -1]}, opset=11),
+        OpCase("Unsqueeze-13-input", "Unsqueeze", ["x", "a"], {"x": x}, {"a": _i64(-1, 1)}, opset=13),
+        OpCase("Squeeze-11-attr", "Squeeze", ["x"], {"x": _rand(1, 3, 1, 2)}, attrs={"axes": [-2]}, opset=11),
+        OpCase("Squeeze-13-input", "Squeeze", ["x", "a"], {"x": _rand(1, 3, 1, 2)}, {"a": _i64(0, 2)}, opset=13),
+        OpCase("Squeeze-13-all", "Squeeze", ["x"], {"x": _rand(1, 3, 1, 2)}, opset=13),
+        OpCase("Concat-negative-axis", "Concat", ["a", "b"], {"a": x, "b": _rand(2, 3, 4, 2)}, attrs={"axis": -1}),
+        OpCase("Concat-channels", "Concat", ["a", "b", "c"], {"a": x, "b": x * 2, "c": _rand(2, 1, 4, 5)},
+               attrs={"axis": 1}),
+        OpCase("Split-11-attr", "Split", ["x"], {"x": x}, attrs={"axis": 1, "split": [1, 2]}, opset=11, outputs=2),
+        OpCase("Split-11-equal", "Split", ["x"], {"x": x}, attrs={"axis": -2}, opset=11, outputs=2),
+        OpCase("Split-13-input", "Split", ["x", "s"], {"x": x}, {"s": _i64(2, 1, 2)}, attrs={"axis": -1},
+               opset=13, outputs=3),
+        OpCase("Split-18-num-outputs-uneven", "Split", ["x"], {"x": x}, attrs={"axis": 3, "num_outputs": 2},
+               opset=18, outputs=2),
+        OpCase("Slice-9-attrs", "Slice", ["x"], {"x": x}, attrs={"starts": [1, -3], "ends": [INT64_MAX, -1],
+                                                                  "axes": [1, 3]}, opset=9),
+        OpCase("Slice-13-steps", "Slice", ["x", "st", "en", "ax", "sp"], {"x": x},
+               {"st": _i64(0, 1), "en": _i64(INT64_MAX, 4), "ax": _i64(-1, 2), "sp": _i64(2, 2)}, opset=13),
+        OpCase("Slice-13-negative-steps", "Slice", ["x", "st", "en", "ax", "sp"], {"x": x},
+               {"st": _i64(-1, 10), "en": _i64(INT64_MIN, 0), "ax": _i64(3, 1), "sp": _i64(-2, -1)}, opset=13),
+        OpCase("Slice-13-no-axes", "Slice", ["x", "st", "en"], {"x": x}, {"st": _i64(1, 0), "en": _i64(2, -1)},
+               opset=13),
+        OpCase("Gather-scalar-negative", "Gather", ["x", "i"], {"x": x}, {"i": np.array(-1, np.int64)},
+               attrs={"axis": 1}),
+        OpCase("Gather-2d-indices", "Gather", ["x", "i"], {"x": x}, {"i": _i64(0, 3, -1, 1).reshape(2, 2)},
+               attrs={"axis": 2}),
+        OpCase("Expand-bidirectional", "Expand", ["x", "s"], {"x": _rand(3, 1)}, {"s": _i64(2, 1, 4)}),
+        OpCase("Tile", "Tile", ["x", "r"], {"x": _rand(2, 3)}, {"r": _i64(2, 3)}),
+        OpCase("Range-int", "Range", ["a", "b", "c"], {}, {"a": np.array(1, np.int64), "b": np.array(10, np.int64),
+                                                           "c": np.array(3, np.int64)}),
+        OpCase("Range-float", "Range", ["a", "b", "c"], {"a": np.array(0.5, np.float32)},
+               {"b": np.array(-2.0, np.float32), "c": np.array(-0.75, np.float32)}),
+        OpCase("Cast-float-to-int", "Cast", ["x"], {"x": x * 3}, attrs={"to": TensorProto.INT64}),
+        OpCase("Cast-int-to-float", "Cast", ["x"], {"x": _i64(3, -2)}, attrs={"to": TensorProto.FLOAT}),
+        OpCase("Cast-float-to-bool", "Cast", ["x"], {"x": _f32(0, 1.5, -2)}, attrs={"to": TensorProto.BOOL}),
+        OpCase("CastLike", "CastLike", ["x", "t"], {"x": _i64(3, -2)}, {"t": _f32(1)}, opset=15),
+        OpCase("ConstantOfShape-default", "ConstantOfShape", ["s"], {}, {"s": _i64(2, 3)}),
+        OpCase("ConstantOfShape-int", "ConstantOfShape", ["s"], {}, {"s": _i64(3)},
+               attrs={"value": numpy_helper.from_array(_i64(7))}),
+        OpCase("DepthToSpace-DCR", "DepthToSpace", ["x"], {"x": _rand(1, 8, 2, 3)}, attrs={"blocksize": 2}),
+        OpCase("DepthToSpace-CRD", "DepthToSpace", ["x"], {"x": _rand(1, 8, 2, 3)},
+               attrs={"blocksize": 2, "mode": "CRD"}),
+        OpCase("SpaceToDepth", "SpaceToDepth", ["x"], {"x": _rand(1, 2, 4, 6)}, attrs={"blocksize": 2}),
+        OpCase("Dropout-7", "Dropout", ["x"], {"x": x}, opset=7),
+        OpCase("Dropout-13-mask", "Dropout", ["x", "r"], {"x": x}, {"r": np.array(0.5, np.float32)}, opset=13,
+               outputs=2),
+    ]
+
+
+def pad_cases() -> list[OpCase]:
+    x = _rand(1, 2, 4, 5)
+    pads = _i64(0, 0, 1, 2, 0, 0, 2, 1)
+    cases = [OpCase(f"Pad-11-{mode}", "Pad", ["x", "p"], {"x": x}, {"p": pads}, attrs={"mode": mode}, opset=11)
+             for mode in ["constant", "reflect", "edge"]]
+    cases += [
+        OpCase("Pad-11-constant-value", "Pad", ["x", "p", "v"], {"x": x}, {"p": pads, "v": np.array(1.5, np.float32)},
+               opset=11),
+        OpCase("Pad-11-negative-crops", "Pad", ["x", "p"], {"x": x}, {"p": _i64(0, 0, -1, 2, 0, 0, 1, -2)}, opset=11),
+        OpCase("Pad-2-attrs", "Pad", ["x"], {"x": x}, attrs={"pads": [0, 0, 1, 0, 0, 0, 0, 2], "mode": "reflect"},
+               opset=2),
+        OpCase("Pad-2-value", "Pad", ["x"], {"x": x}, attrs={"pads": [0, 1, 1, 0, 0, 0, 0, 2], "value": -3.0},
+               opset=2),
+        OpCase("Pad-18-axes", "Pad", ["x", "p", "", "a"], {"x": x}, {"p": _i64(1, 2, 3, 0), "a": _i64(-1, 2)},
+               attrs={"mode": "edge"}, opset=18),
+        OpCase("Pad-19-wrap", "Pad", ["x", "p"], {"x": x}, {"p": pads}, attrs={"mode": "wrap"}, opset=19),
+    ]
+    return cases
+
+
+def constant_cases() -> list[OpCase]:
+    dense = numpy_helper.from_array(_rand(2, 3, seed=9))
+    attrs: list[tuple[str, dict]] = [
+        ("value", {"value": dense}), ("value_float", {"value_float": 2.5}), ("value_floats", {"value_floats": [1, 2]}),
+        ("value_int", {"value_int": 7}), ("value_ints", {"value_ints": [3, 4]}),
+    ]
+    return [OpCase(f"Constant-{name}", "Constant", [], {}, attrs=a, opset=13) for name, a in attrs]
+
+
+def resize_cases() -> list[OpCase]:
+    """Every Resize combination ONNX Runtime supports, on an axis that grows (4 -> 7) and one that shrinks (5 -> 3),
+    given by sizes and by scales; plus opset 10, 18 (axes, keep_aspect_ratio_policy), NHWC, and Upsample 7/9."""
+    x = _rand(1, 2, 4, 5, seed=11)
+    sizes = {"s": _i64(1, 2, 7, 3)}
+    scales = {"r": np.zeros(0, np.float32), "k": _f32(1, 1, 1.75, 0.6)}
+    cases = []
+
+    def add(name: str, attrs: dict, by: str = "sizes", opset: int = 13, data: np.ndarray = x, **consts) -> None:
+        if by == "sizes" and opset == 11:  # roi and scales are required (but may be empty) before opset 13
+            inputs, given = ["x", "r", "e", "s"], {**sizes, "r": scales["r"], "e": scales["r"], **consts}
+        elif by == "sizes":
+            inputs, given = ["x", "", "", "s"], {**sizes, **consts}
+        else:
+            inputs, given = ["x", "r", "k"], {**scales, **consts}
+        cases.append(OpCase(f"Resize-{name}-{by}", "Resize", inputs, {"x": data}, given, attrs, opset))
+
+    coords = ["half_pixel", "pytorch_half_pixel", "align_corners", "asymmetric", "tf_half_pixel_for_nn"]
+    for coord, nearest in itertools.product(coords, ["round_prefer_floor", "round_prefer_ceil", "floor", "ceil"]):
+        opset = 11 if coord == "tf_half_pixel_for_nn" else 13  # deprecated in 13
+        add(f"nearest-{coord}-{nearest}", {"mode": "nearest", "coordinate_transformation_mode": coord,
+                                           "nearest_mode": nearest}, opset=opset)
+    for coord in coords[:4]:
+        for by in ["sizes", "scales"]:
+            add(f"linear-{coord}", {"mode": "linear", "coordinate_transformation_mode": coord}, by)
+        add(f"cubic-{coord}", {"mode": "cubic", "coordinate_transformation_mode": coord})
+    for coord, mode in itertools.product(["half_pixel_symmetric"], ["nearest", "linear", "cubic"]):
+        add(f"{mode}-{coord}", {"mode": mode, "coordinate_transformation_mode": coord}, "scales", opset=19)
+    add("cubic-exclude-outside-a-0.5", {"mode": "cubic", "exclude_outside": 1, "cubic_coeff_a": -0.5})
+    add("cubic-exclude-outside", {"mode": "cubic", "exclude_outside": 1}, "scales")
+    add("cubic-a-0.5-align", {"mode": "cubic", "cubic_coeff_a": -0.5,
+                              "coordinate_transformation_mode": "align_corners"})
+    add("nearest-default", {}, "scales", opset=11)
+    add("nearest-x2-asymmetric-floor", {"mode": "nearest", "coordinate_transformation_mode": "asymmetric",
+                                        "nearest_mode": "floor"}, "scales", k=_f32(1, 1, 2, 2))
+    add("linear-x2-fast-path", {"mode": "linear"}, "scales", k=_f32(1, 1, 2, 2))
+    add("linear-inexact-scale", {"mode": "linear"}, "scales", k=_f32(1, 1, 1.3, 1.7))
+    add("linear-to-1x1-pytorch", {"mode": "linear", "coordinate_transformation_mode": "pytorch_half_pixel"},
+        s=_i64(1, 2, 1, 1))
+    add("linear-nhwc", {"mode": "linear"}, "scales", data=_rand(1, 4, 5, 3), k=_f32(1, 2, 0.6, 1))
+    add("linear-scale-not-one-same-size", {"mode": "linear"}, "scales", k=_f32(1, 1, 1.2, 1.1))
+    cases += [
+        OpCase("Resize-10-nearest-up-down", "Resize", ["x", "k"], {"x": x}, {"k": _f32(1, 1, 2, 0.6)},
+               {"mode": "nearest"}, opset=10),
+        OpCase("Resize-10-linear", "Resize", ["x", "k"], {"x": x}, {"k": _f32(1, 1, 1.5, 2)}, {"mode": "linear"},
+               opset=10),
+        OpCase("Resize-18-axes-sizes", "Resize", ["x", "", "", "s"], {"x": x}, {"s": _i64(6, 3)},
+               {"mode": "linear", "axes": [2, -1]}, opset=18),
+        OpCase("Resize-18-axes-scales", "Resize", ["x", "", "k"], {"x": x}, {"k": _f32(2.5, 0.5)},
+               {"mode": "cubic", "axes": [2, 3]}, opset=18),
+    ]
+    for policy in ["not_larger", "not_smaller"]:
+        cases.append(OpCase(f"Resize-18-{policy}", "Resize", ["x", "", "", "s"], {"x": x}, {"s": _i64(9, 7)},
+                            {"mode": "nearest", "axes": [2, 3], "keep_aspect_ratio_policy": policy}, opset=18))
+    cases += [
+        OpCase("Upsample-7-nearest", "Upsample", ["x"], {"x": x}, attrs={"scales": [1.0, 1.0, 2.0, 3.0]}, opset=7),
+        OpCase("Upsample-7-linear", "Upsample", ["x"], {"x": x}, attrs={"scales": [1.0, 1.0, 2.0, 1.5],
+                                                                        "mode": "linear"}, opset=7),
+        OpCase("Upsample-9-nearest", "Upsample", ["x", "k"], {"x": x}, {"k": _f32(1, 1, 1.5, 2)}, opset=9),
+        OpCase("Upsample-9-linear", "Upsample", ["x", "k"], {"x": x}, {"k": _f32(1, 1, 2, 2)}, {"mode": "linear"},
+               opset=9),
+    ]
+    return cases
+
+
+GOLDEN = (elementwise_cases() + binary_cases() + conv_cases() + pool_cases() + reduce_cases() + shape_cases()
+          + pad_cases() + constant_cases() + resize_cases())
+
+
+@pytest.mark.parametrize("case", GOLDEN, ids=lambda c: c.id)
+def test_op_matches_onnxruntime(case: OpCase) -> None:
+    assert_close_to_ort(case.model(), case.feeds)
+
+
+def test_golden_cases_cover_every_supported_op() -> None:
+    from disasm.attribution.ops import supported_op_types
+
+    assert len({c.id for c in GOLDEN}) == len(GOLDEN), "case ids must be unique"
+    assert supported_op_types() - {c.op for c in GOLDEN} == set()
+
+
+def test_sparse_constant_is_densified() -> None:
+    # ONNX Runtime returns a sparse Constant as a sparse tensor, so the constant feeds an Add here.
+    sparse = helper.make_sparse_tensor(numpy_helper.from_array(_f32(5, 6)), numpy_helper.from_array(_i64(1, 4)),
+                                       [2, 3])
+    nodes = [helper.make_node("Constant", [], ["c"], sparse_value=sparse), helper.make_node("Add", ["x", "c"], ["y"])]
+    feeds = {"x": _rand(2, 3)}
+    model = make_model(nodes, feeds, ["y"], opset=13)
+    assert_close_to_ort(model, feeds)
+    expected = feeds["x"].copy()
+    expected.flat[[1, 4]] += [5, 6]
+    np.testing.assert_allclose(run_ort(model, feeds)["y"], expected, rtol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Small conv nets built with plain torch, exported by both exporters
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _randomise_batch_norms(model: torch.nn.Module) -> torch.nn.Module:
+    """Non-trivial BN statistics, so that folding BN into the convolutions changes the weights."""
+    generator = torch.Generator().manual_seed(0)
+    for module in model.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            n = module.num_features
+            module.running_mean.copy_(torch.randn(n, generator=generator) * 0.2)
+            module.running_var.copy_(torch.rand(n, generator=generator) + 0.5)
+            module.weight.data.copy_(torch.rand(n, generator=generator) + 0.5)
+            module.bias.data.copy_(torch.randn(n, generator=generator) * 0.1)
+    return model.eval()
+
+
+def _conv_bn(cin: int, cout: int, k: int = 3, stride: int = 1, dilation: int = 1, groups: int = 1) -> list:
+    pad = dilation * (k // 2)
+    return [torch.nn.Conv2d(cin, cout, k, stride, pad, dilation, groups, bias=False), torch.nn.BatchNorm2d(cout)]
+
+
+class ResidualNet(torch.nn.Module):
+    """stem conv-BN-ReLU, max pool, one basic residual block, 1x1 classifier."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = torch.nn.Sequential(*_conv_bn(3, 8, stride=2))
+        self.stem_relu = torch.nn.ReLU()
+        self.pool = torch.nn.MaxPool2d(3, 2, 1)
+        self.block = torch.nn.Sequential(*_conv_bn(8, 8), torch.nn.ReLU(), *_conv_bn(8, 8))
+        self.head = torch.nn.Conv2d(8, 5, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.pool(self.stem_relu(self.stem(x)))
+        return self.head(torch.relu(x + self.block(x)))
+
+
+class SqueezeExciteNet(torch.nn.Module):
+    """MobileNetV3-style: expand, depthwise stride 2, hardswish, squeeze-excite with hardsigmoid, project."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.expand = torch.nn.Sequential(*_conv_bn(3, 12, k=1), torch.nn.Hardswish())
+        self.depthwise = torch.nn.Sequential(*_conv_bn(12, 12, stride=2, groups=12), torch.nn.Hardswish())
+        self.squeeze = torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(1), torch.nn.Conv2d(12, 4, 1), torch.nn.ReLU(),
+                                           torch.nn.Conv2d(4, 12, 1), torch.nn.Hardsigmoid())
+        self.project = torch.nn.Sequential(*_conv_bn(12, 6, k=1))
+        self.head = torch.nn.Conv2d(6, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.depthwise(self.expand(x))
+        return self.head(self.project(x * self.squeeze(x)))
+
+
+class AsppNet(torch.nn.Module):
+    """DeepLabV3-style ASPP: 1x1 and dilated 3x3 branches plus global pooling, concatenated and projected."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.backbone = torch.nn.Sequential(*_conv_bn(3, 8, stride=2), torch.nn.ReLU())
+        self.branches = torch.nn.ModuleList([
+            torch.nn.Sequential(*_conv_bn(8, 6, k=1), torch.nn.ReLU()),
+            torch.nn.Sequential(*_conv_bn(8, 6, dilation=2), torch.nn.ReLU()),
+            torch.nn.Sequential(*_conv_bn(8, 6, dilation=3), torch.nn.ReLU()),
+        ])
+        self.pooling = torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(1), torch.nn.Conv2d(8, 6, 1), torch.nn.ReLU())
+        self.project = torch.nn.Sequential(*_conv_bn(24, 8, k=1), torch.nn.ReLU(), torch.nn.Conv2d(8, 3, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.backbone(x)
+        pooled = torch.nn.functional.interpolate(self.pooling(x), size=x.shape[-2:], mode="bilinear",
+                                                 align_corners=False)
+        return self.project(torch.cat([b(x) for b in self.branches] + [pooled], dim=1))
+
+
+class UpsampleNet(torch.nn.Module):
+    """Encoder-decoder: strided convs, a bilinear skip fusion (align_corners=True), bilinear back to input size,
+    softmax over classes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.down1 = torch.nn.Sequential(*_conv_bn(3, 8, stride=2), torch.nn.ReLU())
+        self.down2 = torch.nn.Sequential(*_conv_bn(8, 8, stride=2), torch.nn.ReLU())
+        self.head = torch.nn.Conv2d(8, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        skip = self.down1(x)
+        deep = torch.nn.functional.interpolate(self.down2(skip), scale_factor=2.0, mode="bilinear",
+                                               align_corners=True)
+        logits = torch.nn.functional.interpolate(self.head(skip + deep), size=x.shape[-2:], mode="bilinear",
+                                                 align_corners=False)
+        return torch.softmax(logits, dim=1)
+
+
+NETS = {"residual": ResidualNet, "squeeze_excite": SqueezeExciteNet, "aspp": AsppNet, "upsample": UpsampleNet}
+EXPORTS = ["torchscript-13", "torchscript-17", "dynamo-18"]
+NET_INPUT = torch.from_numpy(_rand(1, 3, 24, 32, seed=5))
+
+
+def _build_net(name: str) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return _randomise_batch_norms(NETS[name]())
+
+
+def _export(model: torch.nn.Module, exporter: str, path: Path) -> onnx.ModelProto:
+    kind, opset = exporter.split("-")
+    kwargs = {"dynamo": False, "do_constant_folding": True} if kind == "torchscript" else {"dynamo": True}
+    torch.onnx.export(model, (NET_INPUT,), str(path), input_names=["image"], output_names=["out"],
+                      opset_version=int(opset), **kwargs)
+    return onnx.load(str(path))  # also loads a dynamo export's side .onnx.data file
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory: pytest.TempPathFactory):
+    """Exports each (net, exporter) once per module; dynamo exports take about a second each."""
+    cache: dict[tuple[str, str], tuple[torch.nn.Module, onnx.ModelProto]] = {}
+
+    def get(name: str, exporter: str) -> tuple[torch.nn.Module, onnx.ModelProto]:
+        if (name, exporter) not in cache:
+            model = _build_net(name)
+            path = tmp_path_factory.mktemp(f"{name}-{exporter}") / "model.onnx"
+            cache[name, exporter] = model, _export(model, exporter, path)
+        return cache[name, exporter]
+
+    return get
+
+
+@pytest.mark.parametrize("exporter", EXPORTS)
+@pytest.mark.parametrize("name", list(NETS))
+def test_exported_net_matches_onnxruntime_and_torch(exported, name: str, exporter: str) -> None:
+    model, proto = exported(name, exporter)
+    expected_opset = int(exporter.split("-")[1])
+    assert TorchGraph(proto).opset == expected_opset
+    feeds = {"image": NET_INPUT.numpy()}
+    assert_close_to_ort(proto, feeds)
+    with torch.no_grad():
+        ours = TorchGraph(proto).run({"image": NET_INPUT})["out"]
+        torch.testing.assert_close(ours, model(NET_INPUT), rtol=1e-4, atol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Captures and gradients
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def test_gradient_at_captured_tensor_matches_torch(exported) -> None:
+    """d(loss)/d(stem ReLU output) through the interpreter equals torch's on the same architecture."""
+    model, proto = exported("residual", "torchscript-17")
+    relu_name = next(node.output[0] for node in proto.graph.node if node.op_type == "Relu")
+    weights = torch.from_numpy(_rand(1, 5, 6, 8, seed=8))
+
+    graph = TorchGraph(proto)
+    out = graph.run({"image": NET_INPUT}, capture=[relu_name])
+    (ours,) = torch.autograd.grad((out["out"] * weights).sum(), [out[relu_name]])
+
+    seen = {}
+    handle = model.stem_relu.register_forward_hook(lambda m, i, o: seen.setdefault("act", o))
+    try:
+        loss = (model(NET_INPUT) * weights).sum()
+        (theirs,) = torch.autograd.grad(loss, [seen["act"]])
+    finally:
+        handle.remove()
+    torch.testing.assert_close(out[relu_name].detach(), seen["act"].detach(), rtol=1e-4, atol=1e-4)
+    assert ours.abs().sum() > 0
+    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-5)
+
+
+def _mixed_graph() -> onnx.ModelProto:
+    """x -> Pad(reflect) -> Conv -> h -> Resize(linear, inexact scale: gather path) -> AveragePool(pads) -> Tanh
+    -> Resize(linear x2: F.interpolate path) -> Softmax -> y."""
+    nodes = [
+        helper.make_node("Pad", ["x", "pads"], ["p"], mode="reflect"),
+        helper.make_node("Conv", ["p", "w", "b"], ["h"]),
+        helper.make_node("Resize", ["h", "", "up"], ["r"], mode="linear"),
+        helper.make_node("AveragePool", ["r"], ["a"], kernel_shape=[2, 2], pads=[1, 0, 0, 1]),
+        helper.make_node("Tanh", ["a"], ["t"]),
+        helper.make_node("Resize", ["t", "", "x2"], ["u"], mode="linear"),
+        helper.make_node("Softmax", ["u"], ["y"], axis=1),
+    ]
+    consts = {"pads": _i64(0, 0, 1, 1, 0, 0, 1, 1), "w": _rand(3, 2, 3, 3, seed=1), "b": _rand(3, seed=2),
+              "up": _f32(1, 1, 1.3, 1.7), "x2": _f32(1, 1, 2, 2)}
+    return make_model(nodes, {"x": _rand(1, 2, 4, 4)}, ["y"], consts, opset=18)
+
+
+def test_gradients_pass_finite_difference_check() -> None:
+    """autograd through the interpreter (float64) agrees with finite differences, w.r.t. the input and a capture."""
+    graph = TorchGraph(_mixed_graph(), dtype=torch.float64)
+    x = torch.from_numpy(_rand(1, 2, 4, 4, seed=3)).double().requires_grad_()
+    weights = torch.from_numpy(_rand(1, 3, 10, 12, seed=4)).double()
+    assert torch.autograd.gradcheck(lambda t: (graph.run({"x": t})["y"] * weights).sum(), (x,), eps=1e-6, atol=1e-5)
+
+    out = graph.run({"x": x.detach()}, capture=["h"])
+    (grad_h,) = torch.autograd.grad((out["y"] * weights).sum(), [out["h"]])
+    h = out["h"].detach()
+    direction = torch.from_numpy(_rand(*h.shape, seed=6)).double()
+    downstream = TorchGraph(_downstream_of_h(), dtype=torch.float64)
+    eps = 1e-6
+    loss = [(downstream.run({"h": h + s * eps * direction})["y"] * weights).sum() for s in (1, -1)]
+    numeric = (loss[0] - loss[1]) / (2 * eps)
+    torch.testing.assert_close((grad_h * direction).sum(), numeric, rtol=1e-5, atol=1e-7)
+
+
+def _downstream_of_h() -> onnx.ModelProto:
+    """The part of _mixed_graph after `h`, with `h` as its input."""
+    full = _mixed_graph()
+    nodes = [n for n in full.graph.node if n.op_type not in ("Pad", "Conv")]
+    consts = {t.name: numpy_helper.to_array(t) for t in full.graph.initializer if t.name in ("up", "x2")}
+    return make_model(nodes, {"h": np.zeros((1, 3, 4, 4), np.float32)}, ["y"], consts, opset=18)
+
+
+def test_capture_returns_the_intermediate_values() -> None:
+    model = _mixed_graph()
+    feeds = {"x": _rand(1, 2, 4, 4, seed=3)}
+    model.graph.output.extend([helper.make_value_info(name, onnx.TypeProto()) for name in ("h", "a")])
+    expected = run_ort(model, feeds)
+    model.graph.output.pop()
+    model.graph.output.pop()
+    out = TorchGraph(model).run({"x": torch.from_numpy(feeds["x"])}, capture=["h", "a", "x"])
+    assert list(out) == ["y", "h", "a", "x"]
+    for name in ("y", "h", "a"):
+        np.testing.assert_allclose(out[name].detach().numpy(), expected[name], rtol=1e-4, atol=1e-4)
+    assert out["h"].requires_grad and out["x"].requires_grad  # captured leaves join the autograd graph
+    with torch.no_grad():
+        assert not TorchGraph(model).run({"x": torch.from_numpy(feeds["x"])}, capture=["h"])["h"].requires_grad
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Errors a user sees
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def test_unknown_ops_are_all_named_at_construction() -> None:
+    nodes = [helper.make_node("Relu", ["x"], ["a"]), helper.make_node("FancyNorm", ["a"], ["b"]),
+             helper.make_node("FusedConv", ["b"], ["c"], domain="com.microsoft"),
+             helper.make_node("FancyNorm", ["c"], ["y"])]
+    model = make_model(nodes, {"x": _rand(1, 2)}, ["y"])
+    model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    with pytest.raises(UnsupportedOpsError) as raised:
+        TorchGraph(model)
+    assert raised.value.op_types == {"FancyNorm", "com.microsoft.FusedConv"}
+    message = str(raised.value)
+    assert "FancyNorm, com.microsoft.FusedConv" in message and "Supported:" in message and "Resize" in message
+
+
+def test_unsupported_attribute_fails_at_construction() -> None:
+    node = helper.make_node("Resize", ["x", "", "k"], ["y"], mode="linear", antialias=1)
+    model = make_model([node], {"x": _rand(1, 1, 4, 4)}, ["y"], {"k": _f32(1, 1, 0.5, 0.5)}, opset=18)
+    with pytest.raises(DisasmError, match=r"Resize node .*antialias=1 is not supported; supported values: 0"):
+        TorchGraph(model)
+
+
+def test_bad_run_arguments_are_reported() -> None:
+    graph = TorchGraph(_mixed_graph())
+    x = torch.zeros(1, 2, 4, 4)
+    with pytest.raises(DisasmError, match=r"cannot capture \['nope'\]"):
+        graph.run({"x": x}, capture=["nope"])
+    with pytest.raises(DisasmError, match=r"missing \['x'\], unknown \['image'\]"):
+        graph.run({"image": x})
+    with pytest.raises(DisasmError, match=r"input 'x' must have rank 4, got shape \(2, 4, 4\)"):
+        graph.run({"x": x[0]})
+    assert graph.input_names == ["x"] and graph.output_names == ["y"]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The shipped example and CUDA
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(not EXAMPLE.exists(), reason="examples/shapes_seg.onnx has not been built (examples/train.py)")
+def test_shipped_example_matches_onnxruntime() -> None:
+    model = onnx.load(str(EXAMPLE))
+    graph = TorchGraph(model)
+    dims = [d.dim_value or 1 for d in model.graph.input[0].type.tensor_type.shape.dim]
+    feeds = {graph.input_names[0]: _rand(*dims, seed=12, low=-1.0, high=1.0)}
+    assert_close_to_ort(model, feeds)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_matches_cpu(exported) -> None:
+    _, proto = exported("aspp", "torchscript-13")  # Shape/Slice/Concat arithmetic next to CUDA activations
+    x = NET_INPUT
+    on_cpu = TorchGraph(proto).run({"image": x})["out"]
+    graph = TorchGraph(proto, device="cuda")
+    out = graph.run({"image": x}, capture=[graph.output_names[0]])
+    assert out["out"].device.type == "cuda"
+    torch.testing.assert_close(out["out"].detach().cpu(), on_cpu.detach(), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(TorchGraph(_mixed_graph(), device="cuda").run({"x": x[:, :2, :4, :4]})["y"].cpu(),
+                               TorchGraph(_mixed_graph()).run({"x": x[:, :2, :4, :4]})["y"], rtol=1e-4, atol=1e-4)
