@@ -13,8 +13,8 @@ $(VENV)/.installed: pyproject.toml
 venv: $(VENV)/.installed
 
 demo: $(VENV)/.installed
-	$(VENV)/bin/disasm-compile examples/shapes_seg.onnx --categories circle,star \
-	    --images examples/data/calib --masks examples/data/eval --out $(OUT) --force
+	$(VENV)/bin/disasm-compile examples/shapes_seg.onnx --categories circle,star --images examples/data/calib \
+	    --eval-images examples/data/eval/images --masks examples/data/eval/masks --out $(OUT) --force
 
 test: $(VENV)/.installed
 	$(PY) -m pytest
