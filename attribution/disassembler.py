@@ -13,7 +13,7 @@ tensor at once. Results are kept as sums plus counts, so shards and cached runs 
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Callable
 
 import numpy as np
@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from disasm.attribution.interpreter import TorchGraph
+from disasm.attribution.moments import Consumer, accumulate
 from disasm.compiler.errors import DisasmError
 
 GRADIENT_POLICIES: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
@@ -59,7 +60,8 @@ class Attribution:
     """Per observed tensor, [K, C] sums over images of the per-image forward / backward vectors, and per-category
     image counts. Means are sums / counts; categories never confidently predicted have count 0 and no scores.
     mean_sum holds, per tensor, the [C] sum over images of each channel's spatial mean: the statistics that
-    mean compensation folds into the consumers of cut channels."""
+    mean compensation folds into the consumers of cut channels. moments holds, per consumer conv (node index), the
+    summed outer products of its unfolded input patches, for the least-squares refit (attribution.moments)."""
 
     tensors: list[str]
     forward_sum: dict[str, np.ndarray]
@@ -67,6 +69,7 @@ class Attribution:
     mean_sum: dict[str, np.ndarray]
     images_per_class: np.ndarray
     images: int
+    moments: dict[int, np.ndarray] = field(default_factory=dict)
 
     def forward(self, tensor: str) -> np.ndarray:
         return self.forward_sum[tensor] / np.maximum(self.images_per_class, 1)[:, None]
@@ -84,7 +87,8 @@ class Attribution:
 
         return Attribution(self.tensors, add(self.forward_sum, other.forward_sum),
                            add(self.backward_sum, other.backward_sum), add(self.mean_sum, other.mean_sum),
-                           self.images_per_class + other.images_per_class, self.images + other.images)
+                           self.images_per_class + other.images_per_class, self.images + other.images,
+                           {k: self.moments[k] + other.moments[k] for k in self.moments})
 
 
 def _class_probabilities(output: torch.Tensor, kind: str) -> torch.Tensor:
@@ -116,10 +120,11 @@ def _mask_on_grid(masks: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 
 
 def attribute_batch(graph: TorchGraph, x: torch.Tensor, tensors: list[str], num_classes: int, output_kind: str,
-                    settings: AttributionSettings) -> Attribution:
-    """Disassembler vectors of one batch (sums over its images)."""
+                    settings: AttributionSettings, consumers: list[Consumer] = ()) -> Attribution:
+    """Disassembler vectors of one batch (sums over its images), and the input moments of `consumers`."""
     x = x.detach().requires_grad_(False)
-    values = graph.run({graph.input_names[0]: x}, capture=tensors)
+    capture = list(dict.fromkeys([*tensors, *(c.tensor for c in consumers)]))
+    values = graph.run({graph.input_names[0]: x}, capture=capture)
     output = values[graph.output_names[0]]
     if output.shape[1] != num_classes:
         raise DisasmError(f"model output has {output.shape[1]} channels on axis 1, expected {num_classes} classes")
@@ -151,17 +156,20 @@ def attribute_batch(graph: TorchGraph, x: torch.Tensor, tensors: list[str], num_
             bwd = torch.einsum("bp,bcp->bc", m, phi(g.detach()).flatten(2))
             bwd = bwd / (bwd.amax(dim=1, keepdim=True) + EPS)
             backward_sum[t][cls] += bwd[rows].sum(0).cpu().double().numpy()
-    return Attribution(list(tensors), forward_sum, backward_sum, mean_sum, present.sum(0).cpu().numpy().astype(np.int64), batch)
+    return Attribution(list(tensors), forward_sum, backward_sum, mean_sum, present.sum(0).cpu().numpy().astype(np.int64),
+                       batch, accumulate(values, list(consumers)))
 
 
 def attribute(graph: TorchGraph, inputs: np.ndarray, tensors: list[str], num_classes: int, output_kind: str,
-              settings: AttributionSettings, progress: Callable[[int, int], None] | None = None) -> Attribution:
-    """Disassembler vectors of a whole calibration set, batch by batch (inputs: preprocessed float32 images)."""
+              settings: AttributionSettings, progress: Callable[[int, int], None] | None = None,
+              consumers: list[Consumer] = ()) -> Attribution:
+    """Disassembler vectors of a whole calibration set, batch by batch (inputs: preprocessed float32 images), and
+    the input moments of `consumers` for least-squares compensation."""
     total: Attribution | None = None
     device = graph.device
     for start in range(0, len(inputs), settings.batch_size):
         x = torch.from_numpy(inputs[start:start + settings.batch_size]).to(device)
-        part = attribute_batch(graph, x, tensors, num_classes, output_kind, settings)
+        part = attribute_batch(graph, x, tensors, num_classes, output_kind, settings, consumers)
         total = part if total is None else total.merge(part)
         if progress:
             progress(min(start + settings.batch_size, len(inputs)), len(inputs))

@@ -15,11 +15,11 @@ RULES = ("prod", "and")
 
 @dataclass(frozen=True)
 class SelectionSettings:
-    # Defaults measured on the shipped example (benchmarks/tradeoff.py): 'and' at alpha 0.2 / beta 0.05 kept the
-    # restricted mIoU with ~0.71x MACs, where 'prod' needed alpha 0.05 for the same agreement.
-    alpha: float = 0.2        # keep channel c if its normalised forward (prod: combined) score exceeds alpha
-    beta: float = 0.05        # threshold on the normalised backward vector, for the 'and' rule
-    rule: str = "and"         # and: P > alpha and R > beta (each normalised by its max);  prod: P*R > alpha
+    # Defaults measured on the shipped example with lsq compensation (benchmarks/results/tradeoff.md): prod at
+    # alpha 0.1 kept >= 95.8% pixel agreement on three category pairs at 0.43-0.54x MACs.
+    alpha: float = 0.1        # keep channel c if its normalised score (prod: P*R; and: P) exceeds alpha
+    beta: float = 0.2         # threshold on the normalised backward vector R, for the 'and' rule
+    rule: str = "prod"        # prod: P*R > alpha;  and: P > alpha and R > beta (each normalised by its max)
     round_to: int = 8         # keep a multiple of this many channels per group (tensor cores want 8 for FP16)
     last_n: int | None = None  # only groups within this many convs of the output are cut (None: all)
 

@@ -28,14 +28,14 @@ from disasm.runtime.report import write_atomic
 
 ROOT = Path(__file__).resolve().parents[1]
 SETTINGS = [  # (label, selection settings, compensation)
-    ("prod a=0.02", SelectionSettings(rule="prod", alpha=0.02), "mean"),
-    ("prod a=0.05", SelectionSettings(rule="prod", alpha=0.05), "mean"),
-    ("prod a=0.05, no comp.", SelectionSettings(rule="prod", alpha=0.05), "none"),
-    ("prod a=0.1", SelectionSettings(rule="prod", alpha=0.1), "mean"),
-    ("and a=0.1 b=0.05", SelectionSettings(rule="and", alpha=0.1, beta=0.05), "mean"),
-    ("and a=0.2 b=0.05 (default)", SelectionSettings(), "mean"),
-    ("and a=0.2 b=0.05, no comp.", SelectionSettings(), "none"),
-    ("and a=0.3 b=0.2", SelectionSettings(rule="and", alpha=0.3, beta=0.2), "mean"),
+    ("prod a=0.05", SelectionSettings(rule="prod", alpha=0.05), "lsq"),
+    ("prod a=0.1 (default)", SelectionSettings(), "lsq"),
+    ("prod a=0.1, mean comp.", SelectionSettings(), "mean"),
+    ("prod a=0.1, no comp.", SelectionSettings(), "none"),
+    ("prod a=0.2", SelectionSettings(rule="prod", alpha=0.2), "lsq"),
+    ("and a=0.2 b=0.05", SelectionSettings(rule="and", alpha=0.2, beta=0.05), "lsq"),
+    ("and a=0.2 b=0.05, mean comp.", SelectionSettings(rule="and", alpha=0.2, beta=0.05), "mean"),
+    ("and a=0.3 b=0.2", SelectionSettings(rule="and", alpha=0.3, beta=0.2), "lsq"),
 ]
 
 
@@ -59,7 +59,7 @@ def main() -> None:
     eval_inputs = preprocess(load_images(evaluation.paths, size), model.preprocessing)
     masks = load_masks(args.data / "eval" / "masks", evaluation, size)
     start = time.perf_counter()
-    attribution = calibrate(model, analysis, calib, AttributionSettings(), "cpu")
+    attribution = calibrate(model, analysis, calib, AttributionSettings(), "cpu", moments=True)
     attribution_seconds = time.perf_counter() - start
     full = session(model.proto)
     input_shape = (1, 3, *size)

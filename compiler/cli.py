@@ -33,7 +33,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from disasm.attribution.disassembler import Attribution, AttributionSettings, attribute
 from disasm.attribution.interpreter import TorchGraph
 from disasm.attribution.compensate import METHODS as COMPENSATIONS
-from disasm.attribution.compensate import mean_compensation
+from disasm.attribution.compensate import lsq_compensation, mean_compensation
+from disasm.attribution.moments import find_consumers
 from disasm.attribution.select import GroupChoice, SelectionSettings, class_keep_set, group_scores, select_channels
 from disasm.compiler.channels import ChannelAnalysis, analyse
 from disasm.compiler.cost import model_cost
@@ -72,8 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
     se.add_argument("--rule", default=SelectionSettings.rule, help="combination of the two vectors: prod or and (default %(default)s)")
     se.add_argument("--round-to", type=int, default=SelectionSettings.round_to, help="keep a multiple of this many channels per group (default %(default)s)")
     se.add_argument("--last-n", type=int, default=None, help="cut only groups within N convs of the output (default: all)")
-    se.add_argument("--compensate", default="mean", help="fold cut channels into their consumers: none or mean "
-                                                         "(calibration mean into the bias; default %(default)s)")
+    se.add_argument("--compensate", default="lsq", help="compensate cut channels in their consumers: none, mean "
+                    "(calibration mean folded into the bias) or lsq (ridge least-squares refit of each consumer; "
+                    "default %(default)s)")
     bench = p.add_argument_group("benchmark")
     bench.add_argument("--runs", type=int, default=30, help="interleaved latency rounds, full vs pruned (default %(default)s)")
     bench.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads (default: ONNX Runtime's choice)")
@@ -166,14 +168,17 @@ class Specialised:
     choices: list[GroupChoice]
     class_keep: np.ndarray
     kept_classes: list[str]
+    compensation_fallbacks: list[str]  # consumers that `lsq` could not refit (no moments) and folded by mean
 
 
 def calibrate(model: Model, analysis: ChannelAnalysis, inputs: np.ndarray, settings: AttributionSettings,
-              device: str, progress=None) -> Attribution:
-    """Disassembler attribution for all categories, on the tensors the surgery could cut."""
+              device: str, progress=None, moments: bool = False) -> Attribution:
+    """Disassembler attribution for all categories, on the tensors the surgery could cut, and (for `lsq`
+    compensation) the input moments of every conv that could lose input channels."""
     graph = TorchGraph(model.proto, device=device)
+    consumers = find_consumers(model.proto, analysis) if moments else []
     return attribute(graph, inputs, observed_tensors(analysis), len(model.classes), model.output_kind, settings,
-                     progress)
+                     progress, consumers)
 
 
 def specialise(model: Model, analysis: ChannelAnalysis, attribution: Attribution, categories: list[str],
@@ -187,13 +192,17 @@ def specialise(model: Model, analysis: ChannelAnalysis, attribution: Attribution
     scores = group_scores(attribution, analysis, targets, selection)
     class_keep = class_keep_set(model.classes, categories, model.background)
     keep_sets, choices = select_channels(analysis, scores, selection, class_keep)
-    replacements = mean_compensation(model.proto, analysis, keep_sets, attribution) if compensation == "mean" else None
+    replacements, fallbacks = None, []
+    if compensation == "mean":
+        replacements = mean_compensation(model.proto, analysis, keep_sets, attribution)
+    elif compensation == "lsq":
+        replacements, fallbacks = lsq_compensation(model.proto, analysis, keep_sets, attribution)
     kept_classes = [model.classes[i] for i in class_keep]
     metadata = {"disasm.classes": ",".join(kept_classes), "disasm.background": model.background or "",
                 "disasm.output": model.output_kind, **model.preprocessing.metadata(),
                 "disasm.source_sha256": model.sha256, "disasm.settings": json.dumps(settings, sort_keys=True)}
     pruned = prune(model.proto, analysis, keep_sets, metadata=metadata, replacements=replacements)
-    return Specialised(pruned, keep_sets, choices, class_keep, kept_classes)
+    return Specialised(pruned, keep_sets, choices, class_keep, kept_classes, fallbacks)
 
 
 def run(args: argparse.Namespace, stages: Stages) -> dict[str, Any]:
@@ -218,7 +227,8 @@ def run(args: argparse.Namespace, stages: Stages) -> dict[str, Any]:
     analysis = analyse(model.proto)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     with stages.stage("attribution", len(calib_inputs)) as progress:
-        attribution = calibrate(model, analysis, calib_inputs, attribution_settings, device, progress)
+        attribution = calibrate(model, analysis, calib_inputs, attribution_settings, device, progress,
+                                moments=args.compensate == "lsq")
     settings = {"attribution": attribution_settings.to_dict(), "selection": selection_settings.to_dict(),
                 "compensation": args.compensate, "categories": categories}
     with stages.stage("surgery"):
@@ -257,6 +267,7 @@ def run(args: argparse.Namespace, stages: Stages) -> dict[str, Any]:
                    "masks": bool(masks is not None),
                    "confident_images_per_class": dict(zip(model.classes, attribution.images_per_class.tolist()))},
         "settings": settings | {"runs": args.runs, "threads": args.threads, "device": device},
+        "compensation": {"method": args.compensate, "mean_fallbacks": result.compensation_fallbacks},
         "channels": {"groups": len(choices), "cut": len(cut), "whole": len(choices) - len(cut),
                      "total": sum(c.size for c in choices), "kept": sum(c.total for c in choices), "per_group": per_group},
         "cost": {"full": cost_full.to_dict(), "pruned": cost_pruned.to_dict(),

@@ -1,0 +1,100 @@
+"""Input moments of the convs that read cut channels: the statistics a least-squares refit of each consumer needs.
+
+For a consumer conv with input x (C channels) and a k x k kernel, every output pixel is W z + b, where z is the
+unfolded input patch (C*k*k values, zero padding included exactly as the conv sees it). Accumulating
+S = sum over pixels and images of [z; 1][z; 1]^T gives everything the refit needs: means, second moments, and the
+cross terms with the full model's own output (which is linear in z). S is a sum, so it shards, caches and all-reduces
+like the attribution scores.
+
+Memory bound: S has (C*k*k + 1)^2 entries. Consumers with C*k*k above `max_features` (default 2048, 32 MB in float64)
+get no moments; compensation then falls back to the channel means for them and says so.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+import torch
+import torch.nn.functional as F
+from onnx import helper
+
+from disasm.compiler.channels import ChannelAnalysis
+
+MAX_FEATURES = 2048
+
+
+@dataclass(frozen=True)
+class Consumer:
+    """A plain (group=1) 2-D Conv that reads a cuttable tensor, with what unfolding its input needs."""
+
+    node: int              # index in the graph's node list, as in the channel analysis edits
+    name: str
+    tensor: str            # its input tensor
+    channels: int
+    kernel: tuple[int, int]
+    stride: tuple[int, int]
+    dilation: tuple[int, int]
+    pads: tuple[int, int, int, int]  # top, left, bottom, right (explicit; auto_pad is resolved per batch)
+    auto_pad: str
+
+    @property
+    def features(self) -> int:
+        return self.channels * self.kernel[0] * self.kernel[1]
+
+
+def find_consumers(model: onnx.ModelProto, analysis: ChannelAnalysis, max_features: int = MAX_FEATURES) -> list[Consumer]:
+    """The 2-D convs whose input channels a cut can remove, small enough for exact patch moments."""
+    shapes = {t.name: tuple(t.dims) for t in model.graph.initializer}
+    consumers = []
+    for edit in analysis.edits:
+        node = model.graph.node[edit.node]
+        if edit.kind != "consume" or node.op_type != "Conv" or node.input[1] not in shapes:
+            continue
+        weight = shapes[node.input[1]]
+        if len(weight) != 4:
+            continue
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        pads = tuple(attrs.get("pads", [0, 0, 0, 0]))
+        consumer = Consumer(edit.node, node.name, node.input[0], weight[1], (weight[2], weight[3]),
+                            tuple(attrs.get("strides", [1, 1])), tuple(attrs.get("dilations", [1, 1])),
+                            (pads[0], pads[1], pads[2], pads[3]),
+                            attrs.get("auto_pad", b"NOTSET").decode() if isinstance(attrs.get("auto_pad"), bytes)
+                            else attrs.get("auto_pad", "NOTSET"))
+        if consumer.features <= max_features:
+            consumers.append(consumer)
+    return consumers
+
+
+def _same_pads(size: int, kernel: int, stride: int, dilation: int, upper: bool) -> tuple[int, int]:
+    out = -(-size // stride)
+    total = max(0, (out - 1) * stride + (kernel - 1) * dilation + 1 - size)
+    small, large = total // 2, total - total // 2
+    return (small, large) if upper else (large, small)
+
+
+def patches(x: torch.Tensor, c: Consumer) -> torch.Tensor:
+    """[B * positions, C*k*k + 1] unfolded input patches of one consumer, with a trailing 1 for the bias."""
+    top, left, bottom, right = c.pads
+    if c.auto_pad in ("SAME_UPPER", "SAME_LOWER"):
+        upper = c.auto_pad == "SAME_UPPER"
+        top, bottom = _same_pads(x.shape[2], c.kernel[0], c.stride[0], c.dilation[0], upper)
+        left, right = _same_pads(x.shape[3], c.kernel[1], c.stride[1], c.dilation[1], upper)
+    elif c.auto_pad == "VALID":
+        top = left = bottom = right = 0
+    x = F.pad(x, (left, right, top, bottom))
+    z = F.unfold(x, c.kernel, dilation=c.dilation, stride=c.stride)      # [B, C*k*k, P], channel-major like W
+    z = z.transpose(1, 2).reshape(-1, z.shape[1])
+    return torch.cat([z, torch.ones(z.shape[0], 1, dtype=z.dtype, device=z.device)], dim=1)
+
+
+def accumulate(values: dict[str, torch.Tensor], consumers: list[Consumer]) -> dict[int, np.ndarray]:
+    """Per consumer node index: the sum of [z;1][z;1]^T over this batch's output pixels (its last diagonal entry is
+    the pixel count)."""
+    out = {}
+    with torch.no_grad():
+        for c in consumers:
+            z = patches(values[c.tensor].detach(), c)
+            out[c.node] = (z.T @ z).double().cpu().numpy()
+    return out

@@ -1,0 +1,175 @@
+"""Compensation of cut channels: mean folding is exact where it claims to be, the least-squares refit is a true
+refit (identity when nothing is cut, lower reconstruction error than mean and none), and surgery stays exact."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+import onnxruntime as ort
+import pytest
+import torch
+import torch.nn.functional as F
+from onnx import TensorProto, helper, numpy_helper
+
+from architectures import MiniDeepLab, export, randomise_batchnorm
+from disasm.attribution.compensate import (_initializer_values, kept_features, lsq_compensation, mean_compensation,
+                                           reconstruction_error, refit)
+from disasm.attribution.disassembler import Attribution, AttributionSettings, attribute
+from disasm.attribution.interpreter import TorchGraph
+from disasm.attribution.moments import Consumer, find_consumers, patches
+from disasm.compiler.channels import analyse
+from disasm.compiler.prune import masked_reference, prune
+
+
+def run(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return session.run(None, {session.get_inputs()[0].name: x})[0]
+
+
+def two_convs(kernel: int) -> onnx.ModelProto:
+    """x -> Conv 3x3 (3->8) -> Relu -> t -> Conv kxk (8->5, no bias) -> y. t's group is cut; y is the class head."""
+    rng = np.random.default_rng(0)
+    w1 = numpy_helper.from_array(rng.normal(size=(8, 3, 3, 3)).astype(np.float32), "w1")
+    b1 = numpy_helper.from_array(rng.normal(size=8).astype(np.float32), "b1")
+    w2 = numpy_helper.from_array(rng.normal(size=(5, 8, kernel, kernel)).astype(np.float32), "w2")
+    nodes = [helper.make_node("Conv", ["x", "w1", "b1"], ["a"], name="conv1", pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["a"], ["t"], name="relu"),
+             helper.make_node("Conv", ["t", "w2"], ["y"], name="conv2", pads=[kernel // 2] * 4)]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 12, 12])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 5, 12, 12])], [w1, b1, w2])
+    return onnx.shape_inference.infer_shapes(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+
+
+def constant_channels_reference(model: onnx.ModelProto, tensor: str, removed: np.ndarray, mean: np.ndarray) -> onnx.ModelProto:
+    """The model in which the removed channels of `tensor` are replaced by their constant mean."""
+    c = len(mean)
+    keep = np.ones((1, c, 1, 1), np.float32)
+    keep[0, removed] = 0
+    fill = np.zeros((1, c, 1, 1), np.float32)
+    fill[0, removed, 0, 0] = mean[removed]
+    ref = onnx.ModelProto()
+    ref.CopyFrom(model)
+    ref.graph.initializer.extend([numpy_helper.from_array(keep, "keep_mask"), numpy_helper.from_array(fill, "fill")])
+    for node in ref.graph.node:
+        for i, name in enumerate(node.input):
+            if name == tensor:
+                node.input[i] = "t_const"
+    ref.graph.node.extend([helper.make_node("Mul", [tensor, "keep_mask"], ["t_kept"]),
+                           helper.make_node("Add", ["t_kept", "fill"], ["t_const"])])
+    return onnx.shape_inference.infer_shapes(gs.export_onnx(gs.import_onnx(ref).toposort()))
+
+
+def fake_attribution(tensor: str, mean: np.ndarray) -> Attribution:
+    return Attribution([tensor], {tensor: np.zeros((5, len(mean)))}, {tensor: np.zeros((5, len(mean)))},
+                       {tensor: mean.astype(np.float64)}, np.zeros(5, np.int64), images=1)
+
+
+@pytest.mark.parametrize("kernel", [1, 3])
+def test_mean_folding_equals_channels_held_at_their_mean(kernel):
+    model = two_convs(kernel)
+    analysis = analyse(model)
+    group = analysis.tensors["t"].segments[0].group
+    keep = np.array([0, 2, 5, 7])
+    mean = np.random.default_rng(1).uniform(0.5, 2.0, size=8)
+    replacements = mean_compensation(model, analysis, {group: keep}, fake_attribution("t", mean))
+    pruned = prune(model, analysis, {group: keep}, replacements=replacements)
+    removed = np.setdiff1d(np.arange(8), keep)
+    reference = constant_channels_reference(model, "t", removed, mean)
+    x = np.random.default_rng(2).normal(size=(1, 3, 12, 12)).astype(np.float32)
+    got, expected = run(pruned, x), run(reference, x)
+    if kernel == 1:
+        np.testing.assert_allclose(got, expected, atol=1e-4, rtol=1e-4)
+    else:  # exact in the interior; the border band of (k-1)/2 pixels sees padding zeros, which the fold ignores
+        np.testing.assert_allclose(got[..., 1:-1, 1:-1], expected[..., 1:-1, 1:-1], atol=1e-4, rtol=1e-4)
+        assert not np.allclose(got[..., 0, :], expected[..., 0, :], atol=1e-4)
+
+
+@pytest.mark.parametrize("stride,dilation,pads,auto_pad", [(1, 1, (1, 1, 1, 1), "NOTSET"), (2, 2, (2, 0, 1, 3), "NOTSET"),
+                                                          (2, 1, (0, 0, 0, 0), "SAME_UPPER")])
+def test_patches_reproduce_the_convolution(stride, dilation, pads, auto_pad):
+    g = torch.Generator().manual_seed(0)
+    x, w, b = torch.randn(2, 4, 9, 11, generator=g), torch.randn(6, 4, 3, 3, generator=g), torch.randn(6, generator=g)
+    consumer = Consumer(0, "c", "x", 4, (3, 3), (stride, stride), (dilation, dilation), pads, auto_pad)
+    if auto_pad == "SAME_UPPER":
+        expected = F.conv2d(F.pad(x, (1, 1, 1, 1)), w, b, stride)[..., :5, :6]
+    else:
+        top, left, bottom, right = pads
+        expected = F.conv2d(F.pad(x, (left, right, top, bottom)), w, b, stride, dilation=dilation)
+    theta = torch.cat([w.reshape(6, -1), b[:, None]], 1)
+    got = (patches(x, consumer) @ theta.T).reshape(2, expected.shape[2], expected.shape[3], 6).permute(0, 3, 1, 2)
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_refit_keeping_everything_returns_the_original_weights():
+    rng = np.random.default_rng(0)
+    z = np.concatenate([rng.normal(size=(500, 12)), np.ones((500, 1))], axis=1)
+    second_moment = z.T @ z / len(z)
+    theta = rng.normal(size=(4, 13))
+    np.testing.assert_allclose(refit(theta, second_moment, np.arange(13)), theta, atol=1e-9)
+
+
+@pytest.fixture(scope="module")
+def calibrated(tmp_path_factory):
+    path = tmp_path_factory.mktemp("comp") / "deeplab.onnx"
+    export(randomise_batchnorm(MiniDeepLab()), path)
+    model = onnx.shape_inference.infer_shapes(onnx.load(str(path)))
+    analysis = analyse(model)
+    consumers = find_consumers(model, analysis)
+    tensors = sorted({c.tensor for c in consumers})
+    x = np.random.default_rng(0).normal(size=(16, 3, 32, 32)).astype(np.float32)
+    attribution = attribute(TorchGraph(model), x, tensors, 5, "logits", AttributionSettings(batch_size=8),
+                            consumers=consumers)
+    rng = np.random.default_rng(3)
+    keep_sets = {g.id: np.sort(rng.choice(g.size, g.size // 2, replace=False))
+                 for g in analysis.groups if g.prunable and g.id != analysis.class_group}
+    return model, analysis, attribution, keep_sets, x
+
+
+def test_lsq_reconstructs_consumer_outputs_better_than_mean_and_none(calibrated):
+    model, analysis, attribution, keep_sets, _ = calibrated
+    lsq, fallbacks = lsq_compensation(model, analysis, keep_sets, attribution)
+    mean = mean_compensation(model, analysis, keep_sets, attribution)
+    values = _initializer_values(model)
+    assert not fallbacks
+    totals = {"none": 0.0, "mean": 0.0, "lsq": 0.0}
+    checked = 0
+    for edit in analysis.edits:
+        kept = edit.channels.kept_indices(keep_sets)
+        if edit.kind != "consume" or kept.size == edit.channels.size:
+            continue
+        node = model.graph.node[edit.node]
+        w = values[node.input[1]]
+        b = values[node.input[2]] if len(node.input) > 2 and node.input[2] else np.zeros(w.shape[0], np.float32)
+        taps, features = int(np.prod(w.shape[2:])), int(np.prod(w.shape[1:]))
+        columns = kept_features(kept, taps, features)
+        mask = np.zeros(features + 1)
+        mask[columns] = 1
+
+        def theta(weight, bias):
+            return np.concatenate([weight.reshape(w.shape[0], -1), bias[:, None]], 1).astype(np.float64)
+
+        full = theta(w, b)
+        second_moment = attribution.moments[edit.node] / attribution.moments[edit.node][-1, -1]
+        errors = {"none": reconstruction_error(full * mask, full, second_moment),
+                  "mean": reconstruction_error(theta(w, mean[(edit.node, 2)]) * mask, full, second_moment),
+                  "lsq": reconstruction_error(theta(lsq[(edit.node, 1)], lsq[(edit.node, 2)]) * mask, full, second_moment)}
+        assert errors["lsq"] <= errors["mean"] * (1 + 1e-6) and errors["lsq"] <= errors["none"] * (1 + 1e-6), node.name
+        if taps == 1:  # for 1x1 consumers the mean fold is the best constant, so it never loses to plain removal
+            assert errors["mean"] <= errors["none"] * (1 + 1e-6), node.name
+        for k, v in errors.items():
+            totals[k] += v
+        checked += 1
+    assert checked >= 5
+    assert totals["lsq"] < totals["mean"] and totals["lsq"] < totals["none"]
+
+
+def test_compensated_surgery_equals_its_masked_reference(calibrated):
+    model, analysis, attribution, keep_sets, x = calibrated
+    keep_sets = dict(keep_sets)
+    keep_sets[analysis.class_group] = np.array([0, 3])
+    replacements, _ = lsq_compensation(model, analysis, keep_sets, attribution)
+    pruned = prune(model, analysis, keep_sets, replacements=replacements)
+    onnx.checker.check_model(pruned, full_check=True)
+    expected = run(masked_reference(model, analysis, keep_sets, replacements), x[:2])[:, [0, 3]]
+    np.testing.assert_allclose(run(pruned, x[:2]), expected, atol=1e-4, rtol=1e-4)
