@@ -13,8 +13,8 @@ This module only orchestrates; every algorithm lives in compiler/, attribution/ 
 from __future__ import annotations
 
 import argparse
+import shutil
 import difflib
-import hashlib
 import json
 import sys
 import time
@@ -33,6 +33,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from disasm.attribution.disassembler import Attribution, AttributionSettings, attribute
 from disasm.attribution.interpreter import TorchGraph
 from disasm.attribution.compensate import METHODS as COMPENSATIONS
+from disasm.attribution import cache as attribution_cache
+from disasm.attribution.cache import CacheKey, images_digest
 from disasm.attribution.compensate import lsq_compensation, mean_compensation
 from disasm.attribution.moments import find_consumers
 from disasm.attribution.select import GroupChoice, SelectionSettings, class_keep_set, group_scores, select_channels
@@ -48,6 +50,10 @@ from disasm.runtime.onnxrt import OnnxRuntimeRunner
 from disasm.runtime.report import print_report, write_atomic, write_report
 
 
+ARTIFACT_FILES = ("pruned.onnx", "pruned.onnx.data", "report.json", "report.md", "report.png")
+ARTIFACT_FOLDERS = ("engines", "attribution")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="disasm-compile", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -61,6 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
     io.add_argument("--recursive", action="store_true", help="also read images in subfolders")
     io.add_argument("--out", type=Path, help="output folder (default: disasm-out/<model>-<categories>)")
     io.add_argument("--force", action="store_true", help="replace the contents of an existing output folder")
+    io.add_argument("--cache", type=Path, help="attribution cache folder, shared by runs with other --categories "
+                                               "(default: attribution-cache/ next to the output folder)")
+    io.add_argument("--no-cache", action="store_true", help="neither read nor write the attribution cache")
     at = p.add_argument_group("attribution (Disassembler)")
     at.add_argument("--tau", type=float, default=AttributionSettings.tau, help="pixel confidence of the category masks (default %(default)s)")
     at.add_argument("--gradient", default=AttributionSettings.gradient, help="gradient policy: positive, negative, absolute (default %(default)s)")
@@ -115,6 +124,15 @@ def output_dir(args: argparse.Namespace, categories: list[str]) -> Path:
     return out
 
 
+def remove_previous_artifacts(out: Path) -> None:
+    """With --force, drop what an earlier run wrote (and only that), so no stale artifact outlives its report."""
+    for name in ARTIFACT_FILES:
+        (out / name).unlink(missing_ok=True)
+    for name in ARTIFACT_FOLDERS:
+        if (out / name).is_dir():
+            shutil.rmtree(out / name)
+
+
 class Stages:
     """Progress bars and wall-clock time per stage (recorded in the report)."""
 
@@ -133,30 +151,10 @@ class Stages:
         self.seconds[name] = round(time.perf_counter() - start, 3)
 
 
-def folder_digest(paths: list[Path]) -> str:
-    h = hashlib.sha256()
-    for p in paths:
-        h.update(p.name.encode())
-        h.update(hashlib.sha256(p.read_bytes()).digest())
-    return h.hexdigest()
-
-
 def observed_tensors(analysis: ChannelAnalysis) -> list[str]:
     """Tensors attribution must look at: the conv inputs of every group that could be cut."""
     names = {t for g in analysis.groups if g.prunable and g.id != analysis.class_group for t in g.observed}
     return [t for t in analysis.tensors if t in names]  # graph order, deterministic
-
-
-def save_attribution(attribution: Attribution, folder: Path, meta: dict[str, Any]) -> None:
-    """The per-category sums for all categories, so other category subsets can be chosen from the same run."""
-    arrays = {f"forward/{t}": attribution.forward_sum[t] for t in attribution.tensors}
-    arrays |= {f"backward/{t}": attribution.backward_sum[t] for t in attribution.tensors}
-    arrays["images_per_class"] = attribution.images_per_class
-    folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / ".scores.tmp.npz"
-    np.savez_compressed(tmp, **arrays)
-    tmp.replace(folder / "scores.npz")
-    write_atomic(folder / "meta.json", (json.dumps(meta, indent=2, sort_keys=True) + "\n").encode())
 
 
 @dataclass
@@ -179,6 +177,17 @@ def calibrate(model: Model, analysis: ChannelAnalysis, inputs: np.ndarray, setti
     consumers = find_consumers(model.proto, analysis) if moments else []
     return attribute(graph, inputs, observed_tensors(analysis), len(model.classes), model.output_kind, settings,
                      progress, consumers)
+
+
+def cache_keys(model: Model, analysis: ChannelAnalysis, images_sha256: str, settings: AttributionSettings,
+               moments: bool) -> list[CacheKey]:
+    """Cache entries that can serve this run, best first: a run without moments can also use one with them."""
+    scored = {k: v for k, v in settings.to_dict().items() if k != "batch_size"}  # batching does not change the sums
+    tensors = tuple(observed_tensors(analysis))
+    with_moments = CacheKey(model.sha256, images_sha256, scored, tensors,
+                            tuple(c.node for c in find_consumers(model.proto, analysis)))
+    plain = CacheKey(model.sha256, images_sha256, scored, tensors, ())
+    return [with_moments] if moments else [plain, with_moments]
 
 
 def specialise(model: Model, analysis: ChannelAnalysis, attribution: Attribution, categories: list[str],
@@ -217,6 +226,7 @@ def run(args: argparse.Namespace, stages: Stages) -> dict[str, Any]:
     if args.compensate not in COMPENSATIONS:
         raise DisasmError(f"--compensate {args.compensate!r} unknown; choose one of {', '.join(COMPENSATIONS)}")
     out = output_dir(args, categories)
+    remove_previous_artifacts(out)
     size = model.image_size
     calib = scan_images(args.images, args.recursive, size)
     evaluation = scan_images(args.eval_images, args.recursive, size) if args.eval_images else calib
@@ -226,19 +236,23 @@ def run(args: argparse.Namespace, stages: Stages) -> dict[str, Any]:
 
     analysis = analyse(model.proto)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    with stages.stage("attribution", len(calib_inputs)) as progress:
-        attribution = calibrate(model, analysis, calib_inputs, attribution_settings, device, progress,
-                                moments=args.compensate == "lsq")
+    moments = args.compensate == "lsq"
+    keys = cache_keys(model, analysis, images_digest(calib.paths), attribution_settings, moments)
+    cache_dir = None if args.no_cache else (args.cache or out.resolve().parent / "attribution-cache")
+    attribution = next(filter(None, (attribution_cache.load(cache_dir, k) for k in keys)), None) if cache_dir else None
+    cache_hit = attribution is not None
+    if attribution is None:
+        with stages.stage("attribution", len(calib_inputs)) as progress:
+            attribution = calibrate(model, analysis, calib_inputs, attribution_settings, device, progress, moments)
+        if cache_dir:
+            attribution_cache.save(cache_dir, keys[-1] if moments else keys[0], attribution)
     settings = {"attribution": attribution_settings.to_dict(), "selection": selection_settings.to_dict(),
                 "compensation": args.compensate, "categories": categories}
     with stages.stage("surgery"):
         result = specialise(model, analysis, attribution, categories, selection_settings, args.compensate, settings)
         pruned, class_keep, kept_names, choices = result.pruned, result.class_keep, result.kept_classes, result.choices
         write_atomic(out / "pruned.onnx", pruned.SerializeToString())
-        save_attribution(attribution, out / "attribution",
-                         {"model_sha256": model.sha256, "images_sha256": folder_digest(calib.paths),
-                          "settings": attribution_settings.to_dict(), "classes": list(model.classes),
-                          "tensors": attribution.tensors, "images": attribution.images})
+        attribution_cache.save(out / "attribution", keys[-1] if attribution.moments else keys[0], attribution)
 
     input_shape = (1, *[d if d else 0 for d in model.input_shape[1:]])
     if 0 in input_shape:
@@ -267,6 +281,8 @@ def run(args: argparse.Namespace, stages: Stages) -> dict[str, Any]:
                    "masks": bool(masks is not None),
                    "confident_images_per_class": dict(zip(model.classes, attribution.images_per_class.tolist()))},
         "settings": settings | {"runs": args.runs, "threads": args.threads, "device": device},
+        "attribution": {"cache_hit": cache_hit, "cache": str(cache_dir) if cache_dir else None,
+                        "tensors": len(attribution.tensors), "consumers_with_moments": len(attribution.moments)},
         "compensation": {"method": args.compensate, "mean_fallbacks": result.compensation_fallbacks},
         "channels": {"groups": len(choices), "cut": len(cut), "whole": len(choices) - len(cut),
                      "total": sum(c.size for c in choices), "kept": sum(c.total for c in choices), "per_group": per_group},

@@ -54,7 +54,9 @@ def test_compile_writes_a_smaller_model_for_the_chosen_classes(compiled, small_d
     assert report["fidelity"]["miou_full"] is not None and report["fidelity"]["miou_pruned"] is not None
     assert report["latency"]["full"]["runs"] == 3 and report["latency"]["speedup"] > 0
     assert "## Channel groups" in (compiled / "report.md").read_text()
-    assert (compiled / "attribution" / "scores.npz").exists()
+    entries = list((compiled / "attribution").glob("*.npz"))
+    assert len(entries) == 1 and entries[0].with_suffix(".json").exists()
+    assert report["attribution"]["consumers_with_moments"] > 0  # lsq, the default, needs them
 
     pruned = onnx.load(str(compiled / "pruned.onnx"))
     meta = {p.key: p.value for p in pruned.metadata_props}
@@ -70,6 +72,29 @@ def test_compile_writes_a_smaller_model_for_the_chosen_classes(compiled, small_d
 def test_same_inputs_give_the_same_pruned_model_bytes(compiled, small_data, tmp_path):
     assert main(compile_args(small_data, tmp_path / "again")) == 0
     assert (tmp_path / "again" / "pruned.onnx").read_bytes() == (compiled / "pruned.onnx").read_bytes()
+
+
+def test_other_categories_reuse_the_cached_attribution(compiled, small_data, tmp_path):
+    """One attribution run serves every category subset; the cache changes nothing in the result."""
+    cached = compiled.parent / "ring-cross"
+    assert main(compile_args(small_data, cached)[:2] + ["ring,cross"] + compile_args(small_data, cached)[3:]) == 0
+    assert json.loads((cached / "report.json").read_text())["attribution"]["cache_hit"] is True
+    fresh = tmp_path / "fresh"
+    args = compile_args(small_data, fresh, "--no-cache")
+    args[2] = "ring,cross"
+    assert main(args) == 0
+    assert json.loads((fresh / "report.json").read_text())["attribution"]["cache_hit"] is False
+    assert (fresh / "pruned.onnx").read_bytes() == (cached / "pruned.onnx").read_bytes()
+
+
+def test_changed_images_invalidate_the_cache(compiled, small_data, tmp_path):
+    calib = tmp_path / "calib"
+    shutil.copytree(small_data / "calib", calib)
+    next(calib.iterdir()).unlink()
+    args = compile_args(small_data, compiled.parent / "fewer-images", "--cache", str(compiled.parent / "attribution-cache"))
+    args[args.index("--images") + 1] = str(calib)
+    assert main(args) == 0
+    assert json.loads((compiled.parent / "fewer-images" / "report.json").read_text())["attribution"]["cache_hit"] is False
 
 
 def test_json_flag_prints_the_report(small_data, tmp_path, capsys):
