@@ -47,6 +47,7 @@ from disasm.compiler.prune import prune
 from disasm.runtime.latency import measure_latency, speedup
 from disasm.runtime.fidelity import evaluate_fidelity
 from disasm.runtime.onnxrt import OnnxRuntimeRunner
+from disasm.runtime.plots import write_png
 from disasm.runtime.report import print_report, write_atomic, write_report
 
 
@@ -301,6 +302,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         report = run(args, stages)
         write_report(report, Path(report["out_dir"]))
+        write_png(report, Path(report["out_dir"]))
     except DisasmError as e:
         print(f"disasm-compile: error: {e}", file=sys.stderr)
         return 2

@@ -86,7 +86,7 @@ def markdown(report: dict[str, Any]) -> str:
         lines += ["", "## Per-class IoU (kept classes, ground truth of other classes counted as background)", "",
                   "| class | full | pruned |", "|---|---:|---:|"]
         lines += [f"| {name} | {_pct(v['full'])} | {_pct(v['pruned'])} |" for name, v in fid["per_class"].items()]
-    lines += ["", "## Channel groups", "", "| group | producers | channels | kept | padded | kept whole because |",
+    lines += ["", "## Channel groups", "", "| group | producers | channels | kept | padded | note |",
               "|---:|---|---:|---:|---:|---|"]
     for g in report["channels"]["per_group"]:
         producers = ", ".join(g["producers"][:2]) + (" ..." if len(g["producers"]) > 2 else "")

@@ -54,6 +54,7 @@ def test_compile_writes_a_smaller_model_for_the_chosen_classes(compiled, small_d
     assert report["fidelity"]["miou_full"] is not None and report["fidelity"]["miou_pruned"] is not None
     assert report["latency"]["full"]["runs"] == 3 and report["latency"]["speedup"] > 0
     assert "## Channel groups" in (compiled / "report.md").read_text()
+    assert (compiled / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     entries = list((compiled / "attribution").glob("*.npz"))
     assert len(entries) == 1 and entries[0].with_suffix(".json").exists()
     assert report["attribution"]["consumers_with_moments"] > 0  # lsq, the default, needs them
