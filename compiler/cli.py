@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import shutil
-import difflib
 import json
 import sys
 import time
@@ -41,6 +40,7 @@ from disasm.attribution.select import GroupChoice, SelectionSettings, class_keep
 from disasm.compiler.channels import ChannelAnalysis, analyse
 from disasm.compiler.cost import model_cost
 from disasm.compiler.errors import DisasmError
+from disasm.compiler.labels import LabelSet, match_categories
 from disasm.compiler.images import load_images, load_masks, preprocess, scan_images
 from disasm.compiler.load import Model, load_model
 from disasm.compiler.prune import prune
@@ -59,7 +59,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="disasm-compile", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model", type=Path, help="the segmentation model (.onnx); never modified")
-    p.add_argument("--categories", required=True, help="comma-separated class names to keep, e.g. circle,star")
+    p.add_argument("--categories", required=True, help="comma-separated class names to keep, e.g. circle,star "
+                   "(case and ' ', '_', '-' are ignored when matching)")
+    p.add_argument("--labels", help="class names of the output channels, overriding the model metadata: a built-in set "
+                   "(voc, coco-voc, cityscapes, ade20k), a text file (one name per line), or a comma-separated list")
     io = p.add_argument_group("inputs and outputs")
     io.add_argument("--images", type=Path, required=True, help="calibration image folder (PNG/JPEG) for attribution")
     io.add_argument("--eval-images", type=Path, help="evaluation image folder for fidelity (default: --images)")
@@ -97,19 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_categories(text: str, model: Model) -> list[str]:
-    names = [c.strip() for c in text.split(",") if c.strip()]
-    if not names:
-        raise DisasmError("--categories is empty; name at least one class")
-    for name in names:
-        if name not in model.classes:
-            close = difflib.get_close_matches(name, model.classes, n=3, cutoff=0.5)
-            hint = f"; did you mean {', '.join(close)}?" if close else ""
-            raise DisasmError(f"unknown category {name!r}{hint} (classes: {', '.join(model.classes)})")
-    if model.background and model.background in names:
-        names.remove(model.background)  # always kept; naming it is harmless
-    if not names:
-        raise DisasmError("--categories names only the background class; name at least one object class")
-    return names
+    """The requested object classes, in the model's output order (background is always kept, never requested)."""
+    labels = LabelSet(model.classes, model.background, model.labels_source)
+    return [model.classes[i] for i in match_categories(text, labels) if model.classes[i] != model.background]
 
 
 def output_dir(args: argparse.Namespace, categories: list[str]) -> Path:
@@ -216,7 +209,7 @@ def specialise(model: Model, analysis: ChannelAnalysis, attribution: Attribution
 
 
 def run(args: argparse.Namespace, stages: Stages) -> dict[str, Any]:
-    model = load_model(args.model)
+    model = load_model(args.model, args.labels)
     categories = parse_categories(args.categories, model)
     attribution_settings = AttributionSettings(tau=args.tau, gradient=args.gradient, target=args.target,
                                                batch_size=args.batch_size)
@@ -275,7 +268,7 @@ def run(args: argparse.Namespace, stages: Stages) -> dict[str, Any]:
     cut = [c for c in choices if not c.reason]
     return {
         "model": {"path": str(args.model), "sha256": model.sha256, "classes": list(model.classes),
-                  "background": model.background, "input_shape": list(input_shape), "output": model.output_kind},
+                  "background": model.background, "labels_source": model.labels_source, "input_shape": list(input_shape), "output": model.output_kind},
         "categories": categories, "kept_classes": kept_names, "out_dir": str(out),
         "images": {"calibration": len(calib.paths), "calibration_skipped": [str(p) for p, _ in calib.skipped],
                    "evaluation": len(evaluation.paths), "evaluation_skipped": [str(p) for p, _ in evaluation.skipped],

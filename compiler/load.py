@@ -10,6 +10,7 @@ import onnx
 from google.protobuf.message import DecodeError
 
 from disasm.compiler.errors import DisasmError
+from disasm.compiler.labels import resolve_labels
 
 IMAGENET_MEAN = (123.675, 116.28, 103.53)
 IMAGENET_STD = (58.395, 57.12, 57.375)
@@ -39,6 +40,7 @@ class Model:
     sha256: str
     classes: tuple[str, ...]
     background: str | None
+    labels_source: str          # where the class names came from (built-in set, file, metadata, generic)
     preprocessing: Preprocessing
     output_kind: str
     input_name: str
@@ -87,8 +89,9 @@ def read_onnx(path: Path) -> onnx.ModelProto:
     return proto
 
 
-def load_model(path: str | Path) -> Model:
-    """Read `path`, check it is an image segmentation network, and collect labels and preprocessing from metadata."""
+def load_model(path: str | Path, labels: str | None = None) -> Model:
+    """Read `path`, check it is an image segmentation network, and collect labels and preprocessing from metadata.
+    `labels` (a built-in set, a label file or a comma list; see compiler.labels) overrides the metadata names."""
     path = Path(path)
     proto = read_onnx(path)
     proto = onnx.shape_inference.infer_shapes(proto)
@@ -108,15 +111,8 @@ def load_model(path: str | Path) -> Model:
     num_classes = out_dims[class_axis]
     if num_classes is None or num_classes < 2:
         raise DisasmError(f"{path}: output {output.name!r} has shape {out_dims}; expected a static class axis with >= 2 classes")
-    if "disasm.classes" in meta:
-        classes = tuple(c.strip() for c in meta["disasm.classes"].split(","))
-    else:
-        classes = tuple(f"class{i}" for i in range(num_classes))
-    if len(classes) != num_classes:
-        raise DisasmError(f"{path}: metadata names {len(classes)} classes but the output has {num_classes} channels")
-    background = meta.get("disasm.background") or None
-    if background is not None and background not in classes:
-        raise DisasmError(f"{path}: metadata background {background!r} is not one of the classes")
+    label_set = resolve_labels(labels, meta, num_classes)
+    classes, background = label_set.names, label_set.background
     output_kind = meta.get("disasm.output", "logits")
     if output_kind not in OUTPUT_KINDS:
         raise DisasmError(f"{path}: metadata disasm.output={output_kind!r}; expected one of {', '.join(OUTPUT_KINDS)}")
@@ -125,5 +121,5 @@ def load_model(path: str | Path) -> Model:
         std=_floats(meta["disasm.std"], "disasm.std", path) if "disasm.std" in meta else IMAGENET_STD,
         color=meta.get("disasm.color", "rgb"), layout=layout)
     return Model(path=path, proto=proto, sha256=hashlib.sha256(path.read_bytes()).hexdigest(), classes=classes,
-                 background=background, preprocessing=preprocessing, output_kind=output_kind, input_name=image.name,
+                 background=background, labels_source=label_set.source, preprocessing=preprocessing, output_kind=output_kind, input_name=image.name,
                  output_name=output.name, input_shape=in_dims)

@@ -128,7 +128,7 @@ def test_file_that_is_not_onnx(capsys, small_data, tmp_path):
 def test_unknown_category_suggests_the_closest_names(capsys, small_data, tmp_path):
     args = compile_args(small_data, tmp_path / "o")
     args[2] = "circel,star"
-    assert "did you mean circle" in error_line(capsys, args)
+    assert "did you mean 'circle'" in error_line(capsys, args)
 
 
 def test_empty_image_folder(capsys, small_data, tmp_path):
@@ -174,3 +174,19 @@ def test_console_script_help_documents_the_options():
     assert result.returncode == 0
     for option in ("--categories", "--images", "--masks", "--out", "--force", "--alpha", "--round-to", "--json"):
         assert option in result.stdout
+
+
+def test_labels_option_overrides_the_metadata_names(small_data, tmp_path):
+    names = "bg,disc,box,tri,star,donut,plus,hex"
+    args = compile_args(small_data, tmp_path / "renamed", "--labels", names)
+    args[2] = "Disc,STAR"
+    assert main(args) == 0
+    report = json.loads((tmp_path / "renamed" / "report.json").read_text())
+    assert report["kept_classes"] == ["bg", "disc", "star"] and report["model"]["labels_source"] == "command line"
+    meta = {p.key: p.value for p in onnx.load(str(tmp_path / "renamed" / "pruned.onnx")).metadata_props}
+    assert meta["disasm.classes"] == "bg,disc,star" and meta["disasm.background"] == "bg"
+
+
+def test_label_count_mismatch_is_a_clear_error(capsys, small_data, tmp_path):
+    args = compile_args(small_data, tmp_path / "o", "--labels", "voc")
+    assert "21 class names" in error_line(capsys, args)
