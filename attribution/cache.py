@@ -19,7 +19,7 @@ import numpy as np
 
 from disasm.attribution.disassembler import Attribution
 
-FORMAT = 1
+FORMAT = 2  # bump when the stored arrays change: older entries are then never read
 
 
 @dataclass(frozen=True)
@@ -52,6 +52,7 @@ def _arrays(attribution: Attribution) -> dict[str, np.ndarray]:
         arrays[f"forward/{i}"] = attribution.forward_sum[t]
         arrays[f"backward/{i}"] = attribution.backward_sum[t]
         arrays[f"mean/{i}"] = attribution.mean_sum[t]
+        arrays[f"taylor/{i}"] = attribution.taylor_sum[t]
     for node, moments in attribution.moments.items():
         arrays[f"moments/{node}"] = moments
     return arrays
@@ -92,6 +93,7 @@ def load(folder: Path, key: CacheKey) -> Attribution | None:
                 {t: data[f"backward/{i}"] for i, t in enumerate(tensors)},
                 {t: data[f"mean/{i}"] for i, t in enumerate(tensors)},
                 data["images_per_class"], int(data["images"]),
-                {node: data[f"moments/{node}"] for node in key.consumers})
+                {node: data[f"moments/{node}"] for node in key.consumers},
+                {t: data[f"taylor/{i}"] for i, t in enumerate(tensors)})
     except (OSError, KeyError, ValueError):
         return None

@@ -61,7 +61,9 @@ class Attribution:
     image counts. Means are sums / counts; categories never confidently predicted have count 0 and no scores.
     mean_sum holds, per tensor, the [C] sum over images of each channel's spatial mean: the statistics that
     mean compensation folds into the consumers of cut channels. moments holds, per consumer conv (node index), the
-    summed outer products of its unfolded input patches, for the least-squares refit (attribution.moments)."""
+    summed outer products of its unfolded input patches, for the least-squares refit (attribution.moments).
+    taylor_sum holds the Taylor baseline from the same gradients: per image, |sum_{p in M_k} A[c,p] * dy_k/dA[c,p]|
+    normalised by its max over channels (Molchanov et al. 2017, restricted to the category's mask)."""
 
     tensors: list[str]
     forward_sum: dict[str, np.ndarray]
@@ -70,6 +72,7 @@ class Attribution:
     images_per_class: np.ndarray
     images: int
     moments: dict[int, np.ndarray] = field(default_factory=dict)
+    taylor_sum: dict[str, np.ndarray] = field(default_factory=dict)
 
     def forward(self, tensor: str) -> np.ndarray:
         return self.forward_sum[tensor] / np.maximum(self.images_per_class, 1)[:, None]
@@ -88,7 +91,8 @@ class Attribution:
         return Attribution(self.tensors, add(self.forward_sum, other.forward_sum),
                            add(self.backward_sum, other.backward_sum), add(self.mean_sum, other.mean_sum),
                            self.images_per_class + other.images_per_class, self.images + other.images,
-                           {k: self.moments[k] + other.moments[k] for k in self.moments})
+                           {k: self.moments[k] + other.moments[k] for k in self.moments},
+                           add(self.taylor_sum, other.taylor_sum))
 
 
 def _class_probabilities(output: torch.Tensor, kind: str) -> torch.Tensor:
@@ -135,7 +139,7 @@ def attribute_batch(graph: TorchGraph, x: torch.Tensor, tensors: list[str], num_
     scores = _class_scores(output, output_kind, settings.target)
     phi = GRADIENT_POLICIES[settings.gradient]
     batch, k = present.shape
-    forward_sum, backward_sum, mean_sum = {}, {}, {}
+    forward_sum, backward_sum, mean_sum, taylor_sum = {}, {}, {}, {}
     grid_masks = {t: _mask_on_grid(masks, tuple(values[t].shape[-2:])) for t in tensors}
     for t in tensors:
         mean_sum[t] = values[t].detach().flatten(2).mean(2).sum(0).cpu().double().numpy()
@@ -145,6 +149,7 @@ def attribute_batch(graph: TorchGraph, x: torch.Tensor, tensors: list[str], num_
         fwd = fwd / (fwd.sum(dim=2, keepdim=True) + EPS)
         forward_sum[t] = (fwd * present[:, :, None]).sum(0).cpu().double().numpy()
         backward_sum[t] = np.zeros_like(forward_sum[t])
+        taylor_sum[t] = np.zeros_like(forward_sum[t])
     for cls in torch.nonzero(present.any(0)).flatten().tolist():
         y = (scores[:, cls] * masks[:, cls]).sum()
         grads = torch.autograd.grad(y, [values[t] for t in tensors], retain_graph=True, allow_unused=True)
@@ -153,11 +158,15 @@ def attribute_batch(graph: TorchGraph, x: torch.Tensor, tensors: list[str], num_
             if g is None:
                 continue  # this tensor does not influence the output (e.g. a dead branch)
             m = grid_masks[t][:, cls].flatten(1)                                           # [B, P]
-            bwd = torch.einsum("bp,bcp->bc", m, phi(g.detach()).flatten(2))
+            g = g.detach().flatten(2)
+            bwd = torch.einsum("bp,bcp->bc", m, phi(g))
             bwd = bwd / (bwd.amax(dim=1, keepdim=True) + EPS)
             backward_sum[t][cls] += bwd[rows].sum(0).cpu().double().numpy()
+            taylor = torch.einsum("bp,bcp->bc", m, g * values[t].detach().flatten(2)).abs()
+            taylor = taylor / (taylor.amax(dim=1, keepdim=True) + EPS)
+            taylor_sum[t][cls] += taylor[rows].sum(0).cpu().double().numpy()
     return Attribution(list(tensors), forward_sum, backward_sum, mean_sum, present.sum(0).cpu().numpy().astype(np.int64),
-                       batch, accumulate(values, list(consumers)))
+                       batch, accumulate(values, list(consumers)), taylor_sum)
 
 
 def attribute(graph: TorchGraph, inputs: np.ndarray, tensors: list[str], num_classes: int, output_kind: str,

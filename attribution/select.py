@@ -80,11 +80,16 @@ def category_scores(attribution: Attribution, tensor: str, categories: list[int]
 
 def group_scores(attribution: Attribution, analysis: ChannelAnalysis, categories: list[int],
                  settings: SelectionSettings) -> dict[int, np.ndarray]:
-    """[size] score per channel of every group that attribution observed; a group seen through several tensors
+    """Disassembler score per channel of every group that attribution observed."""
+    return scatter_to_groups(analysis, {t: category_scores(attribution, t, categories, settings)
+                                        for t in attribution.tensors})
+
+
+def scatter_to_groups(analysis: ChannelAnalysis, per_tensor: dict[str, np.ndarray | None]) -> dict[int, np.ndarray]:
+    """[size] score per channel of every group, from per-tensor channel scores. A group seen through several tensors
     (a residual stream read by several convs, a concat member) takes the max: needed anywhere means kept."""
     scores: dict[int, np.ndarray] = {}
-    for tensor in attribution.tensors:
-        s = category_scores(attribution, tensor, categories, settings)
+    for tensor, s in per_tensor.items():
         if s is None:
             continue
         offset = 0
@@ -100,6 +105,21 @@ def class_keep_set(classes: tuple[str, ...], categories: list[str], background: 
     """Output channels kept: the chosen categories plus background, in the model's original order."""
     wanted = set(categories) | ({background} if background else set())
     return np.array([i for i, c in enumerate(classes) if c in wanted], dtype=np.int64)
+
+
+def select_with_budget(scores: dict[int, np.ndarray], choices: list[GroupChoice],
+                       keep_sets: dict[int, np.ndarray]) -> dict[int, np.ndarray]:
+    """Other criteria at an equal channel budget: every group cut by `choices` keeps the same number of channels,
+    chosen as the top of `scores` (best first, ties by index), so MACs and parameters match exactly."""
+    budgeted = dict(keep_sets)
+    for c in choices:
+        if c.reason:
+            continue  # kept whole or the class head: not the criterion's choice
+        s = scores.get(c.group)
+        if s is None:
+            raise ValueError(f"criterion gives no scores for group {c.group}")
+        budgeted[c.group] = np.sort(np.lexsort((np.arange(c.size), -s))[:c.total])
+    return budgeted
 
 
 def select_channels(analysis: ChannelAnalysis, scores: dict[int, np.ndarray], settings: SelectionSettings,

@@ -36,7 +36,9 @@ from disasm.attribution import cache as attribution_cache
 from disasm.attribution.cache import CacheKey, images_digest
 from disasm.attribution.compensate import lsq_compensation, mean_compensation
 from disasm.attribution.moments import find_consumers
-from disasm.attribution.select import GroupChoice, SelectionSettings, class_keep_set, group_scores, select_channels
+from disasm.attribution.baselines import CRITERIA, criterion_scores
+from disasm.attribution.select import (GroupChoice, SelectionSettings, class_keep_set, group_scores, select_channels,
+                                       select_with_budget)
 from disasm.compiler.channels import ChannelAnalysis, analyse
 from disasm.compiler.cost import model_cost
 from disasm.compiler.errors import DisasmError
@@ -86,6 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
     se.add_argument("--rule", default=SelectionSettings.rule, help="combination of the two vectors: prod or and (default %(default)s)")
     se.add_argument("--round-to", type=int, default=SelectionSettings.round_to, help="keep a multiple of this many channels per group (default %(default)s)")
     se.add_argument("--last-n", type=int, default=None, help="cut only groups within N convs of the output (default: all)")
+    se.add_argument("--criterion", default="disassembler", choices=CRITERIA,
+                    help="channel criterion; baselines keep as many channels per group as the Disassembler would, "
+                         "for comparisons at equal MACs (default %(default)s)")
     se.add_argument("--compensate", default="lsq", help="compensate cut channels in their consumers: none, mean "
                     "(calibration mean folded into the bias) or lsq (ridge least-squares refit of each consumer; "
                     "default %(default)s)")
@@ -185,8 +190,10 @@ def cache_keys(model: Model, analysis: ChannelAnalysis, images_sha256: str, sett
 
 
 def specialise(model: Model, analysis: ChannelAnalysis, attribution: Attribution, categories: list[str],
-               selection: SelectionSettings, compensation: str, settings: dict[str, Any]) -> Specialised:
-    """Keep-sets for `categories` (plus background), compensation, and the surgery, with self-describing metadata."""
+               selection: SelectionSettings, compensation: str, settings: dict[str, Any],
+               criterion: str = "disassembler") -> Specialised:
+    """Keep-sets for `categories` (plus background), compensation, and the surgery, with self-describing metadata.
+    A criterion other than the Disassembler picks its own channels within the Disassembler's per-group budget."""
     missing = [c for c in categories if attribution.images_per_class[model.class_index(c)] == 0]
     if missing:
         raise DisasmError(f"no calibration image has confident pixels of {', '.join(missing)}; add images that "
@@ -195,6 +202,9 @@ def specialise(model: Model, analysis: ChannelAnalysis, attribution: Attribution
     scores = group_scores(attribution, analysis, targets, selection)
     class_keep = class_keep_set(model.classes, categories, model.background)
     keep_sets, choices = select_channels(analysis, scores, selection, class_keep)
+    if criterion != "disassembler":
+        baseline = criterion_scores(criterion, model.proto, analysis, attribution, targets, selection)
+        keep_sets = select_with_budget(baseline, choices, keep_sets)
     replacements, fallbacks = None, []
     if compensation == "mean":
         replacements = mean_compensation(model.proto, analysis, keep_sets, attribution)
@@ -241,9 +251,10 @@ def run(args: argparse.Namespace, stages: Stages) -> dict[str, Any]:
         if cache_dir:
             attribution_cache.save(cache_dir, keys[-1] if moments else keys[0], attribution)
     settings = {"attribution": attribution_settings.to_dict(), "selection": selection_settings.to_dict(),
-                "compensation": args.compensate, "categories": categories}
+                "criterion": args.criterion, "compensation": args.compensate, "categories": categories}
     with stages.stage("surgery"):
-        result = specialise(model, analysis, attribution, categories, selection_settings, args.compensate, settings)
+        result = specialise(model, analysis, attribution, categories, selection_settings, args.compensate, settings,
+                            args.criterion)
         pruned, class_keep, kept_names, choices = result.pruned, result.class_keep, result.kept_classes, result.choices
         write_atomic(out / "pruned.onnx", pruned.SerializeToString())
         attribution_cache.save(out / "attribution", keys[-1] if attribution.moments else keys[0], attribution)
