@@ -95,6 +95,7 @@ def accumulate(values: dict[str, torch.Tensor], consumers: list[Consumer]) -> di
     out = {}
     with torch.no_grad():
         for c in consumers:
-            z = patches(values[c.tensor].detach(), c)
-            out[c.node] = (z.T @ z).double().cpu().numpy()
+            # float64: these sums run over every pixel of every image, where float32 would lose ~1e-4 already
+            z = patches(values[c.tensor].detach(), c).double()
+            out[c.node] = (z.T @ z).cpu().numpy()
     return out

@@ -20,7 +20,8 @@ from disasm.attribution.baselines import CRITERIA
 from disasm.attribution.disassembler import AttributionSettings
 from disasm.attribution.select import SelectionSettings
 from disasm.compiler.channels import analyse
-from disasm.compiler.cli import calibrate, specialise
+from disasm.attribution.calibration import calibrate
+from disasm.compiler.cli import specialise
 from disasm.compiler.cost import model_cost
 from disasm.compiler.images import load_images, load_masks, preprocess, scan_images
 from disasm.compiler.load import load_model

@@ -13,8 +13,8 @@ This module only orchestrates; every algorithm lives in compiler/, attribution/ 
 from __future__ import annotations
 
 import argparse
-import shutil
 import json
+import shutil
 import sys
 import time
 import traceback
@@ -29,25 +29,24 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from disasm.attribution.disassembler import Attribution, AttributionSettings, attribute
-from disasm.attribution.interpreter import TorchGraph
-from disasm.attribution.compensate import METHODS as COMPENSATIONS
 from disasm.attribution import cache as attribution_cache
-from disasm.attribution.cache import CacheKey, images_digest
-from disasm.attribution.compensate import lsq_compensation, mean_compensation
-from disasm.attribution.moments import find_consumers
 from disasm.attribution.baselines import CRITERIA, criterion_scores
+from disasm.attribution.cache import images_digest
+from disasm.attribution.calibration import cache_keys, calibrate
+from disasm.attribution.compensate import METHODS as COMPENSATIONS
+from disasm.attribution.compensate import lsq_compensation, mean_compensation
+from disasm.attribution.disassembler import Attribution, AttributionSettings
 from disasm.attribution.select import (GroupChoice, SelectionSettings, class_keep_set, group_scores, select_channels,
                                        select_with_budget)
 from disasm.compiler.channels import ChannelAnalysis, analyse
 from disasm.compiler.cost import model_cost
 from disasm.compiler.errors import DisasmError
-from disasm.compiler.labels import LabelSet, match_categories
 from disasm.compiler.images import load_images, load_masks, preprocess, scan_images
+from disasm.compiler.labels import LabelSet, match_categories
 from disasm.compiler.load import Model, load_model
 from disasm.compiler.prune import prune
-from disasm.runtime.latency import measure_latency, speedup
 from disasm.runtime.fidelity import evaluate_fidelity
+from disasm.runtime.latency import measure_latency, speedup
 from disasm.runtime.onnxrt import OnnxRuntimeRunner
 from disasm.runtime.plots import write_png
 from disasm.runtime.report import print_report, write_atomic, write_report
@@ -150,12 +149,6 @@ class Stages:
         self.seconds[name] = round(time.perf_counter() - start, 3)
 
 
-def observed_tensors(analysis: ChannelAnalysis) -> list[str]:
-    """Tensors attribution must look at: the conv inputs of every group that could be cut."""
-    names = {t for g in analysis.groups if g.prunable and g.id != analysis.class_group for t in g.observed}
-    return [t for t in analysis.tensors if t in names]  # graph order, deterministic
-
-
 @dataclass
 class Specialised:
     """A category-specialised model and the decisions that produced it."""
@@ -166,27 +159,6 @@ class Specialised:
     class_keep: np.ndarray
     kept_classes: list[str]
     compensation_fallbacks: list[str]  # consumers that `lsq` could not refit (no moments) and folded by mean
-
-
-def calibrate(model: Model, analysis: ChannelAnalysis, inputs: np.ndarray, settings: AttributionSettings,
-              device: str, progress=None, moments: bool = False) -> Attribution:
-    """Disassembler attribution for all categories, on the tensors the surgery could cut, and (for `lsq`
-    compensation) the input moments of every conv that could lose input channels."""
-    graph = TorchGraph(model.proto, device=device)
-    consumers = find_consumers(model.proto, analysis) if moments else []
-    return attribute(graph, inputs, observed_tensors(analysis), len(model.classes), model.output_kind, settings,
-                     progress, consumers)
-
-
-def cache_keys(model: Model, analysis: ChannelAnalysis, images_sha256: str, settings: AttributionSettings,
-               moments: bool) -> list[CacheKey]:
-    """Cache entries that can serve this run, best first: a run without moments can also use one with them."""
-    scored = {k: v for k, v in settings.to_dict().items() if k != "batch_size"}  # batching does not change the sums
-    tensors = tuple(observed_tensors(analysis))
-    with_moments = CacheKey(model.sha256, images_sha256, scored, tensors,
-                            tuple(c.node for c in find_consumers(model.proto, analysis)))
-    plain = CacheKey(model.sha256, images_sha256, scored, tensors, ())
-    return [with_moments] if moments else [plain, with_moments]
 
 
 def specialise(model: Model, analysis: ChannelAnalysis, attribution: Attribution, categories: list[str],
@@ -249,7 +221,7 @@ def run(args: argparse.Namespace, stages: Stages) -> dict[str, Any]:
         with stages.stage("attribution", len(calib_inputs)) as progress:
             attribution = calibrate(model, analysis, calib_inputs, attribution_settings, device, progress, moments)
         if cache_dir:
-            attribution_cache.save(cache_dir, keys[-1] if moments else keys[0], attribution)
+            attribution_cache.save(cache_dir, keys[0], attribution)
     settings = {"attribution": attribution_settings.to_dict(), "selection": selection_settings.to_dict(),
                 "criterion": args.criterion, "compensation": args.compensate, "categories": categories}
     with stages.stage("surgery"):
