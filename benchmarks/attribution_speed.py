@@ -1,0 +1,109 @@
+"""Attribution throughput and its overhead against plain passes of the same model on the same device.
+
+    python benchmarks/attribution_speed.py [--device cuda]   # writes benchmarks/results/attribution_speed.{json,md}
+
+Three timings per batch, interleaved in rounds (the machines are shared and noisy; ratios of medians):
+- attribution: the Disassembler pass (forward with captures, one backward per category present, masked reductions);
+- same passes: the same forward and the same number of backward passes with nothing captured or reduced, so the
+  ratio attribution / same passes is the Disassembler's own overhead (target: under 1.3x);
+- forward+backward: one forward and one backward of the summed logits, the cost of a training step without the
+  optimiser, for scale.
+With --moments the attribution also gathers the least-squares compensation moments.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from disasm.attribution.calibration import observed_tensors
+from disasm.attribution.disassembler import AttributionSettings, attribute_batch
+from disasm.attribution.interpreter import TorchGraph
+from disasm.attribution.moments import find_consumers
+from disasm.compiler.channels import analyse
+from disasm.compiler.images import load_images, preprocess, scan_images
+from disasm.compiler.load import load_model
+from disasm.runtime.report import write_atomic
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", type=Path, default=ROOT / "examples" / "shapes_seg.onnx")
+    parser.add_argument("--images", type=Path, default=ROOT / "examples" / "data" / "calib")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--moments", action="store_true")
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    args = parser.parse_args()
+
+    model = load_model(args.model)
+    analysis = analyse(model.proto)
+    graph = TorchGraph(model.proto, device=args.device)
+    tensors = observed_tensors(analysis)
+    consumers = find_consumers(model.proto, analysis) if args.moments else []
+    settings = AttributionSettings(batch_size=args.batch_size)
+    x = preprocess(load_images(scan_images(args.images).paths[:args.batch_size], model.image_size), model.preprocessing)
+    x = torch.from_numpy(x).to(args.device)
+    name, out_name = graph.input_names[0], graph.output_names[0]
+    with torch.no_grad():  # the categories present decide how many backward passes each variant makes
+        probs = torch.softmax(graph.run({name: x})[out_name], 1)
+        present = ((probs > settings.tau).float().mean((2, 3)) >= settings.min_mask_fraction).any(0).nonzero().flatten().tolist()
+
+    def sync() -> None:
+        if args.device.startswith("cuda"):
+            torch.cuda.synchronize()
+
+    def disassembler() -> None:
+        attribute_batch(graph, x, tensors, len(model.classes), model.output_kind, settings, consumers)
+
+    def same_passes() -> None:
+        xg = x.clone().requires_grad_(True)
+        out = graph.run({name: xg})[out_name]
+        for k in present:
+            torch.autograd.grad(out[:, k].sum(), [xg], retain_graph=True)
+
+    def forward_backward() -> None:
+        xg = x.clone().requires_grad_(True)
+        torch.autograd.grad(graph.run({name: xg})[out_name].sum(), [xg])
+
+    variants = {"attribution": disassembler, "same passes": same_passes, "forward+backward": forward_backward}
+    times: dict[str, list[float]] = {k: [] for k in variants}
+    for fn in variants.values():
+        fn()  # warm-up
+    for r in range(args.rounds):
+        order = list(variants)[r % 3:] + list(variants)[:r % 3]
+        for key in order:
+            sync()
+            start = time.perf_counter()
+            variants[key]()
+            sync()
+            times[key].append(time.perf_counter() - start)
+    median = {k: statistics.median(v) for k, v in times.items()}
+    result = {"model": str(args.model), "device": args.device, "threads": torch.get_num_threads(),
+              "batch_size": args.batch_size, "categories_present": len(present), "moments": args.moments,
+              "rounds": args.rounds, "median_seconds": median,
+              "images_per_second": args.batch_size / median["attribution"],
+              "overhead_vs_same_passes": median["attribution"] / median["same passes"],
+              "ratio_vs_forward_backward": median["attribution"] / median["forward+backward"]}
+    print(json.dumps(result, indent=2))
+    suffix = "_moments" if args.moments else ""
+    lines = [f"# Attribution speed ({args.device}, batch {args.batch_size}, {len(present)} categories present)", "",
+             "| variant | median s / batch | images / s |", "|---|---:|---:|"]
+    lines += [f"| {k} | {v:.3f} | {args.batch_size / v:.1f} |" for k, v in median.items()]
+    lines += ["", f"Overhead of the Disassembler over the same passes: {result['overhead_vs_same_passes']:.2f}x; "
+                  f"against one forward+backward: {result['ratio_vs_forward_backward']:.2f}x."]
+    write_atomic(args.out / f"attribution_speed_{args.device.split(':')[0]}{suffix}.json",
+                 (json.dumps(result, indent=2) + "\n").encode())
+    write_atomic(args.out / f"attribution_speed_{args.device.split(':')[0]}{suffix}.md", ("\n".join(lines) + "\n").encode())
+
+
+if __name__ == "__main__":
+    main()
