@@ -132,3 +132,34 @@ def lsq_compensation(model: onnx.ModelProto, analysis: ChannelAnalysis, keep_set
         replacements[(edit.node, 1)] = new[:, :features].reshape(weight.shape).astype(weight.dtype)
         replacements[(edit.node, 2)] = new[:, features].astype(weight.dtype)
     return replacements, fallbacks
+
+
+def consumer_losses(model: onnx.ModelProto, analysis: ChannelAnalysis, keep_sets: dict[int, np.ndarray],
+                    attribution: Attribution, replacements: dict[tuple[int, int], np.ndarray] | None) -> dict[int, float]:
+    """Per group: the largest share of a consumer's output energy, E||y||^2 over the calibration pixels, that the cut
+    still loses after compensation (`replacements`; None = plain removal). Exact for consumers with moments; the
+    groups it names are the fragile ones, where the cut changes what the next layer sees."""
+    losses: dict[int, float] = {}
+    replacements = replacements or {}
+    for edit, node, kept, weight, bias in _cut_consumers(model, analysis, keep_sets):
+        moments = attribution.moments.get(edit.node)
+        if moments is None or node.op_type != "Conv":
+            continue
+        second_moment = moments / moments[-1, -1]
+        taps = int(np.prod(weight.shape[2:]))
+        features = weight.shape[1] * taps
+
+        def theta(w: np.ndarray, b: np.ndarray) -> np.ndarray:
+            return np.concatenate([w.reshape(w.shape[0], features), b[:, None]], axis=1).astype(np.float64)
+
+        full = theta(weight, bias)
+        new = theta(replacements.get((edit.node, 1), weight), replacements.get((edit.node, 2), bias))
+        mask = np.zeros(features + 1)
+        mask[kept_features(kept, taps, features)] = 1
+        energy = float(np.einsum("oi,ij,oj->", full, second_moment, full)) / full.shape[0]
+        loss = reconstruction_error(new * mask, full, second_moment) / max(energy, 1e-12)
+        for seg in edit.channels.segments:
+            keep = keep_sets.get(seg.group)
+            if keep is not None and ((keep >= seg.start) & (keep < seg.stop)).sum() < seg.size:
+                losses[seg.group] = max(losses.get(seg.group, 0.0), loss)
+    return losses

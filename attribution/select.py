@@ -22,6 +22,8 @@ class SelectionSettings:
     rule: str = "prod"        # prod: P*R > alpha;  and: P > alpha and R > beta (each normalised by its max)
     round_to: int = 8         # keep a multiple of this many channels per group (tensor cores want 8 for FP16)
     last_n: int | None = None  # only groups within this many convs of the output are cut (None: all)
+    keep_ratio: float | None = None  # per-group budget: keep this fraction of every cut group, best scores first,
+    #                                  instead of the alpha threshold (which lets kept counts differ per group)
 
     def __post_init__(self) -> None:
         if self.rule not in RULES:
@@ -32,6 +34,8 @@ class SelectionSettings:
             raise DisasmError(f"round-to must be >= 1, got {self.round_to}")
         if self.last_n is not None and self.last_n < 1:
             raise DisasmError(f"last-n must be >= 1, got {self.last_n}")
+        if self.keep_ratio is not None and not 0.0 < self.keep_ratio <= 1.0:
+            raise DisasmError(f"keep-ratio must be in (0, 1], got {self.keep_ratio}")
 
     def to_dict(self) -> dict[str, object]:
         return asdict(self)
@@ -124,7 +128,8 @@ def select_with_budget(scores: dict[int, np.ndarray], choices: list[GroupChoice]
 
 def select_channels(analysis: ChannelAnalysis, scores: dict[int, np.ndarray], settings: SelectionSettings,
                     class_keep: np.ndarray) -> tuple[dict[int, np.ndarray], list[GroupChoice]]:
-    """Keep-sets per group: channels scoring above alpha, rounded up to a multiple of round_to with the next best."""
+    """Keep-sets per group: channels scoring above alpha (or the keep_ratio best), rounded up to a multiple of
+    round_to with the next best."""
     keep_sets: dict[int, np.ndarray] = {}
     choices: list[GroupChoice] = []
     for group in analysis.groups:
@@ -143,7 +148,10 @@ def select_channels(analysis: ChannelAnalysis, scores: dict[int, np.ndarray], se
             choices.append(GroupChoice(group.id, group.size, group.size, 0, reason))
             continue
         s = scores[group.id]
-        wanted = int((s > settings.alpha).sum())
+        if settings.keep_ratio is None:
+            wanted = int((s > settings.alpha).sum())
+        else:
+            wanted = int(np.ceil(settings.keep_ratio * group.size))
         total = min(group.size, max(settings.round_to, -(-wanted // settings.round_to) * settings.round_to))
         order = np.lexsort((np.arange(group.size), -s))  # best first; ties by index keep the result deterministic
         keep = np.sort(order[:total])

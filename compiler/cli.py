@@ -34,7 +34,7 @@ from disasm.attribution.baselines import CRITERIA, criterion_scores
 from disasm.attribution.cache import images_digest
 from disasm.attribution.calibration import cache_keys, calibrate
 from disasm.attribution.compensate import METHODS as COMPENSATIONS
-from disasm.attribution.compensate import lsq_compensation, mean_compensation
+from disasm.attribution.compensate import consumer_losses, lsq_compensation, mean_compensation
 from disasm.attribution.disassembler import Attribution, AttributionSettings
 from disasm.attribution.select import (GroupChoice, SelectionSettings, class_keep_set, group_scores, select_channels,
                                        select_with_budget)
@@ -52,6 +52,7 @@ from disasm.runtime.plots import write_png
 from disasm.runtime.report import print_report, write_atomic, write_report
 
 
+FRAGILE_LOSS = 0.05  # a cut group is fragile when a consumer still loses >5% of its output energy after compensation
 ARTIFACT_FILES = ("pruned.onnx", "pruned.onnx.data", "report.json", "report.md", "report.png")
 ARTIFACT_FOLDERS = ("engines", "attribution")
 
@@ -87,6 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
     se.add_argument("--rule", default=SelectionSettings.rule, help="combination of the two vectors: prod or and (default %(default)s)")
     se.add_argument("--round-to", type=int, default=SelectionSettings.round_to, help="keep a multiple of this many channels per group (default %(default)s)")
     se.add_argument("--last-n", type=int, default=None, help="cut only groups within N convs of the output (default: all)")
+    se.add_argument("--keep-ratio", type=float, default=None,
+                    help="per-group budget: keep this fraction of every cut group by score, instead of --alpha")
     se.add_argument("--criterion", default="disassembler", choices=CRITERIA,
                     help="channel criterion; baselines keep as many channels per group as the Disassembler would, "
                          "for comparisons at equal MACs (default %(default)s)")
@@ -159,6 +162,7 @@ class Specialised:
     class_keep: np.ndarray
     kept_classes: list[str]
     compensation_fallbacks: list[str]  # consumers that `lsq` could not refit (no moments) and folded by mean
+    output_loss: dict[int, float]      # per cut group: worst share of a consumer's output energy lost (moments only)
 
 
 def specialise(model: Model, analysis: ChannelAnalysis, attribution: Attribution, categories: list[str],
@@ -187,7 +191,8 @@ def specialise(model: Model, analysis: ChannelAnalysis, attribution: Attribution
                 "disasm.output": model.output_kind, **model.preprocessing.metadata(),
                 "disasm.source_sha256": model.sha256, "disasm.settings": json.dumps(settings, sort_keys=True)}
     pruned = prune(model.proto, analysis, keep_sets, metadata=metadata, replacements=replacements)
-    return Specialised(pruned, keep_sets, choices, class_keep, kept_classes, fallbacks)
+    losses = consumer_losses(model.proto, analysis, keep_sets, attribution, replacements)
+    return Specialised(pruned, keep_sets, choices, class_keep, kept_classes, fallbacks, losses)
 
 
 def run(args: argparse.Namespace, stages: Stages) -> dict[str, Any]:
@@ -196,7 +201,7 @@ def run(args: argparse.Namespace, stages: Stages) -> dict[str, Any]:
     attribution_settings = AttributionSettings(tau=args.tau, gradient=args.gradient, target=args.target,
                                                batch_size=args.batch_size)
     selection_settings = SelectionSettings(alpha=args.alpha, beta=args.beta, rule=args.rule, round_to=args.round_to,
-                                           last_n=args.last_n)
+                                           last_n=args.last_n, keep_ratio=args.keep_ratio)
     if args.runs < 1:
         raise DisasmError(f"--runs must be >= 1, got {args.runs}")
     if args.compensate not in COMPENSATIONS:
@@ -247,7 +252,10 @@ def run(args: argparse.Namespace, stages: Stages) -> dict[str, Any]:
                                 runs=args.runs, progress=progress)
 
     per_group = [{"group": c.group, "producers": analysis.groups[c.group].producers, "size": c.size, "kept": c.kept,
-                  "padded": c.padded, "reason": c.reason, "depth": analysis.groups[c.group].depth} for c in choices]
+                  "padded": c.padded, "reason": c.reason, "depth": analysis.groups[c.group].depth,
+                  "output_loss": result.output_loss.get(c.group)} for c in choices]
+    fragile = sorted((g for g, loss in result.output_loss.items() if loss > FRAGILE_LOSS),
+                     key=lambda g: -result.output_loss[g])
     cut = [c for c in choices if not c.reason]
     return {
         "model": {"path": str(args.model), "sha256": model.sha256, "classes": list(model.classes),
@@ -261,7 +269,8 @@ def run(args: argparse.Namespace, stages: Stages) -> dict[str, Any]:
         "attribution": {"cache_hit": cache_hit, "cache": str(cache_dir) if cache_dir else None,
                         "tensors": len(attribution.tensors), "consumers_with_moments": len(attribution.moments)},
         "compensation": {"method": args.compensate, "mean_fallbacks": result.compensation_fallbacks},
-        "channels": {"groups": len(choices), "cut": len(cut), "whole": len(choices) - len(cut),
+        "channels": {"groups": len(choices), "cut": len(cut), "whole": len(choices) - len(cut), "fragile": fragile,
+                     "fragile_threshold": FRAGILE_LOSS,
                      "total": sum(c.size for c in choices), "kept": sum(c.total for c in choices), "per_group": per_group},
         "cost": {"full": cost_full.to_dict(), "pruned": cost_pruned.to_dict(),
                  "macs_ratio": cost_pruned.macs / cost_full.macs, "params_ratio": cost_pruned.params / cost_full.params},

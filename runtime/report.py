@@ -71,7 +71,8 @@ def terminal_table(report: dict[str, Any]) -> Table:
 def print_report(report: dict[str, Any], console: Console) -> None:
     console.print(terminal_table(report))
     ch = report["channels"]
-    console.print(f"channel groups: {ch['groups']} ({ch['cut']} cut, {ch['whole']} kept whole); "
+    fragile = f"; fragile (consumer output loss > {ch['fragile_threshold']:.0%}): {ch['fragile']}" if ch["fragile"] else ""
+    console.print(f"channel groups: {ch['groups']} ({ch['cut']} cut, {ch['whole']} kept whole){fragile}; "
                   f"channels kept {ch['kept']}/{ch['total']}; outputs in {report['out_dir']}")
 
 
@@ -86,11 +87,15 @@ def markdown(report: dict[str, Any]) -> str:
         lines += ["", "## Per-class IoU (kept classes, ground truth of other classes counted as background)", "",
                   "| class | full | pruned |", "|---|---:|---:|"]
         lines += [f"| {name} | {_pct(v['full'])} | {_pct(v['pruned'])} |" for name, v in fid["per_class"].items()]
-    lines += ["", "## Channel groups", "", "| group | producers | channels | kept | padded | note |",
-              "|---:|---|---:|---:|---:|---|"]
+    lines += ["", "## Channel groups", "",
+              "Output loss: the largest share of a consumer's output energy (calibration data) the cut still loses "
+              "after compensation; groups above the fragile threshold are where the cut changes most.", "",
+              "| group | producers | channels | kept | padded | output loss | note |",
+              "|---:|---|---:|---:|---:|---:|---|"]
     for g in report["channels"]["per_group"]:
         producers = ", ".join(g["producers"][:2]) + (" ..." if len(g["producers"]) > 2 else "")
-        lines.append(f"| {g['group']} | {producers} | {g['size']} | {g['kept']} | {g['padded']} | {g['reason']} |")
+        loss = "" if g.get("output_loss") is None else f"{100 * g['output_loss']:.2f}%"
+        lines.append(f"| {g['group']} | {producers} | {g['size']} | {g['kept']} | {g['padded']} | {loss} | {g['reason']} |")
     lines += ["", "## Settings", "", "```json", json.dumps(report["settings"], indent=2, sort_keys=True), "```", ""]
     return "\n".join(lines)
 
