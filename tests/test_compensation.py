@@ -13,7 +13,8 @@ import torch.nn.functional as F
 from onnx import TensorProto, helper, numpy_helper
 
 from architectures import MiniDeepLab, export, randomise_batchnorm
-from disasm.attribution.compensate import (_initializer_values, kept_features, lsq_compensation, mean_compensation,
+from disasm.attribution.compensate import (_initializer_values, consumer_losses, kept_features, lsq_compensation,
+                                           mean_compensation,
                                            reconstruction_error, refit)
 from disasm.attribution.disassembler import Attribution, AttributionSettings, attribute
 from disasm.attribution.interpreter import TorchGraph
@@ -173,3 +174,14 @@ def test_compensated_surgery_equals_its_masked_reference(calibrated):
     onnx.checker.check_model(pruned, full_check=True)
     expected = run(masked_reference(model, analysis, keep_sets, replacements), x[:2])[:, [0, 3]]
     np.testing.assert_allclose(run(pruned, x[:2]), expected, atol=1e-4, rtol=1e-4)
+
+
+def test_output_loss_names_cut_groups_and_shrinks_with_compensation(calibrated):
+    model, analysis, attribution, keep_sets, _ = calibrated
+    assert consumer_losses(model, analysis, {}, attribution, None) == {}
+    plain = consumer_losses(model, analysis, keep_sets, attribution, None)
+    refit, _ = lsq_compensation(model, analysis, keep_sets, attribution)
+    compensated = consumer_losses(model, analysis, keep_sets, attribution, refit)
+    assert plain.keys() == compensated.keys() and set(plain) <= set(keep_sets)
+    assert all(0 <= compensated[g] <= plain[g] + 1e-9 for g in plain)
+    assert sum(compensated.values()) < sum(plain.values())
