@@ -7,6 +7,11 @@ axis is therefore described as a tuple of segments, each a range of one root (Te
 Transposes by its axis. Anything that mixes or reshapes channels in a way this table cannot prove safe *blocks* the
 groups it touches: they are kept whole, and the reason is recorded per group (never guess).
 
+Exporters also compute with channel counts at run time (Shape -> Gather -> ... -> Reshape/Resize/Slice). Such values
+are followed element by element, with their static values: a Resize whose sizes read its own channel count follows a
+cut by itself, a Slice whose bounds are static is cut like a constant one, and any other use blocks the groups whose
+count it reads, since the cut would change the value.
+
 While propagating, each rule also records the *edits* a cut implies (slice this weight along that axis by that layout,
 set this depthwise conv's group count, rewrite these split sizes); compiler.prune applies them. One table holds both,
 so the analysis and the surgery cannot drift apart.
@@ -17,7 +22,7 @@ modules via autograd tracing; onnx-graphsurgeon only gives the graph IR we build
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 import numpy as np
@@ -33,7 +38,7 @@ SPATIAL = {"MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "LpPo
            "Pad", "ReduceMean", "ReduceMax", "ReduceMin", "ReduceSum", "ReduceL2", "ReduceL1", "ReduceLogSumExp",
            "ReduceSumSquare", "ReduceProd", "DepthToSpace", "SpaceToDepth"}
 ELEMENTWISE = {"Add", "Sub", "Mul", "Div", "Pow", "Max", "Min", "Sum", "Mean", "PRelu", "Where"}
-SHAPE_READERS = {"Shape", "Size"}  # read only the shape; their outputs carry no channels
+SHAPE_READERS = {"Shape", "Size"}  # read only the shape; what they read may be a channel count (see _read_shape)
 
 
 @dataclass(frozen=True)
@@ -80,13 +85,28 @@ class Edit:
     """One change a cut implies. kinds: 'slice' (constant input `input` along `axis`), 'consume' (the same, on the
     input-channel axis of a conv that reads the channels: the one edit the masked reference zeroes instead), 'group' (Conv group attribute =
     kept count), 'split' (Split sizes from the outputs' kept counts), 'slice_bounds' (Slice channel start/end),
-    'shape_entry' (constant input `input`, entry `axis`, becomes the kept count)."""
+    'shape_entry' (constant input `input`, entry `axis`, becomes the kept count). A Slice whose bounds are computed at
+    run time from static channel counts carries their values in `bounds`; the surgery writes them as constants."""
 
     node: int
     kind: str
     channels: TensorChannels
     input: int = -1
     axis: int = 0
+    bounds: tuple[tuple[int, ...], tuple[int, ...]] | None = None  # slice_bounds: (starts, ends) computed at run time
+
+
+@dataclass(frozen=True)
+class _ShapeValue:
+    """A value computed at run time from tensor shapes that depends on some channel count. entries: per element (of
+    the flattened value), the layout whose channel count it is, or None where the element is no channel count; the
+    whole tuple is None where the elements could not be followed. roots: every root whose count it depends on.
+    Channel counts are static in a feature map, so such values often are too: then a Slice whose bounds they are can
+    be cut like one with constant bounds (the surgery writes the new bounds as constants)."""
+
+    entries: tuple[TensorChannels | None, ...] | None
+    roots: frozenset[int]
+    static: tuple[int | None, ...] | None = None  # per element, the value where every dim it reads is static
 
 
 @dataclass
@@ -160,6 +180,7 @@ class _Context:
         self.layout: dict[str, TensorChannels] = {}
         self.edits: list[Edit] = []
         self.observed: dict[str, TensorChannels] = {}
+        self.shapes: dict[str, _ShapeValue] = {}  # run-time values that depend on a channel count (see _read_shape)
 
     def block_tensor(self, name: str, reason: str) -> None:
         if name in self.layout:
@@ -241,17 +262,71 @@ def _rank(tensor: gs.Tensor) -> int | None:
 
 
 def constant_value(tensor: gs.Tensor) -> np.ndarray | None:
-    """The value of a constant tensor: an initializer, a Constant node's output, or an Identity of either."""
+    """The value of a constant tensor: an initializer, a Constant node's output, or a chain of Identity, Cast,
+    Unsqueeze, Squeeze and Reshape over one (what exporters leave behind without constant folding)."""
     if isinstance(tensor, gs.Constant):
         return tensor.values
-    if len(tensor.inputs) == 1:
-        producer = tensor.inputs[0]
-        if producer.op == "Constant" and "value" in producer.attrs:
-            value = producer.attrs["value"]
-            return value.values if isinstance(value, gs.Constant) else np.asarray(value)
-        if producer.op == "Identity":
-            return constant_value(producer.inputs[0])
+    if len(tensor.inputs) != 1 or len(tensor.inputs[0].outputs) != 1:
+        return None
+    producer = tensor.inputs[0]
+    if producer.op == "Constant":
+        return _constant_attribute(producer)
+    fold = _FOLDS.get(producer.op)
+    if fold is None or not producer.inputs or not producer.inputs[0].name:
+        return None
+    value = constant_value(producer.inputs[0])
+    return None if value is None else fold(producer, np.asarray(value))
+
+
+def _constant_attribute(node: gs.Node) -> np.ndarray | None:
+    for key, dtype in (("value", None), ("value_float", np.float32), ("value_floats", np.float32),
+                       ("value_int", np.int64), ("value_ints", np.int64)):
+        if key in node.attrs:
+            value = node.attrs[key]
+            return value.values if isinstance(value, gs.Constant) else np.asarray(value, dtype=dtype)
     return None
+
+
+def _optional_constant(node: gs.Node, index: int, attr: str) -> list[int] | None:
+    """An axes-like argument given as an attribute (older opsets) or a constant input (newer ones)."""
+    if attr in node.attrs:
+        return list(node.attrs[attr])
+    if len(node.inputs) > index and node.inputs[index].name:
+        value = constant_value(node.inputs[index])
+        return None if value is None else [int(v) for v in np.asarray(value).reshape(-1)]
+    return None
+
+
+def _fold_unsqueeze(node: gs.Node, value: np.ndarray) -> np.ndarray | None:
+    axes = _optional_constant(node, 1, "axes")
+    if axes is None:
+        return None
+    rank = value.ndim + len(axes)
+    for axis in sorted(a % rank for a in axes):
+        value = np.expand_dims(value, axis)
+    return value
+
+
+def _fold_squeeze(node: gs.Node, value: np.ndarray) -> np.ndarray | None:
+    axes = _optional_constant(node, 1, "axes")
+    if axes is None and (len(node.inputs) > 1 and node.inputs[1].name):
+        return None
+    return np.squeeze(value) if axes is None else np.squeeze(value, tuple(a % value.ndim for a in axes))
+
+
+def _fold_reshape(node: gs.Node, value: np.ndarray) -> np.ndarray | None:
+    shape = constant_value(node.inputs[1]) if len(node.inputs) > 1 else None
+    if shape is None or node.attrs.get("allowzero", 0):
+        return None
+    shape = [value.shape[i] if d == 0 else int(d) for i, d in enumerate(np.asarray(shape).tolist())]
+    return value.reshape(shape)
+
+
+_FOLDS: dict[str, Callable[[gs.Node, np.ndarray], np.ndarray | None]] = {
+    "Identity": lambda node, value: value,
+    "Cast": lambda node, value: value.astype(onnx.helper.tensor_dtype_to_np_dtype(int(node.attrs["to"]))),
+    "Unsqueeze": _fold_unsqueeze, "Squeeze": _fold_squeeze, "Reshape": _fold_reshape,
+}
 
 
 def _label(node: gs.Node) -> str:
@@ -360,19 +435,42 @@ def _check_resize(ctx: _Context, index: int, node: gs.Node, lx: TensorChannels) 
     scales = node.attrs.get("scales")
     if scales is None and len(node.inputs) > scales_input and node.inputs[scales_input].name:
         value = constant_value(node.inputs[scales_input])
-        scales = None if value is None or value.size == 0 else value.tolist()
+        if value is None:
+            return "has scales computed at run time"
+        scales = None if value.size == 0 else value.tolist()
     if scales is not None:
         return None if scales[lx.axis] == 1 else "scales the channel axis"
     if node.op == "Resize" and len(node.inputs) > 3 and node.inputs[3].name:
+        if "axes" in node.attrs:
+            return "has an axes attribute with explicit sizes"
         sizes = constant_value(node.inputs[3])
         if sizes is None:
-            return None  # sizes computed from Shape at run time follow the pruned channel count by themselves
-        if "axes" in node.attrs:
-            return "has an axes attribute with constant sizes"
+            return _check_dynamic_sizes(ctx, node.inputs[3], lx)
         if sizes[lx.axis] != lx.size:
             return "resizes the channel axis"
         ctx.edits.append(Edit(index, "shape_entry", lx, input=3, axis=lx.axis))
     return None
+
+
+def _check_dynamic_sizes(ctx: _Context, sizes: gs.Tensor, lx: TensorChannels) -> str | None:
+    """Sizes computed at run time are exact only where their channel entry is read from the resized tensor's own
+    channel count (as exporters write `interpolate(x, size=...)`): then it follows any cut by itself."""
+    value = ctx.shapes.get(sizes.name)
+    if value is None:
+        return "has run-time sizes whose channel entry does not follow the cut"
+    if value.entries is None or len(value.entries) <= lx.axis or value.entries[lx.axis] is None or \
+            not _same_channels(ctx, value.entries[lx.axis], lx) or \
+            any(e is not None for i, e in enumerate(value.entries) if i != lx.axis):
+        for r in value.roots:
+            ctx.roots.block(r, "a Resize takes its channel count from another tensor")
+        return "has run-time sizes whose channel entry is not its own channel count"
+    return None
+
+
+def _same_channels(ctx: _Context, a: TensorChannels, b: TensorChannels) -> bool:
+    def key(t: TensorChannels) -> list[tuple[int, int, int]]:
+        return [(ctx.roots.find(s.group), s.start, s.stop) for s in t.segments]
+    return key(a) == key(b)
 
 
 def _elementwise(ctx: _Context, index: int, node: gs.Node) -> None:
@@ -486,37 +584,54 @@ def _split(ctx: _Context, index: int, node: gs.Node) -> None:
 
 
 def _slice(ctx: _Context, index: int, node: gs.Node) -> None:
+    """A channel Slice takes a sub-range of its input's layout. Bounds computed at run time are fine where their values
+    are static (e.g. torch.chunk in the legacy exporter reads the static channel count): the surgery writes the new
+    bounds as constants. Where such bounds read a channel count and the Slice is not cut that way, the groups whose
+    count they read are blocked, since the run-time value would change with the cut."""
     x = node.inputs[0]
     lx = ctx.layout.get(x.name)
     if lx is None:
         return
-    rank = _rank(x)
+    out, rank = node.outputs[0], _rank(x)
+    reads = frozenset().union(*(ctx.shapes[t.name].roots for t in node.inputs[1:] if t.name in ctx.shapes))
+
+    def keep_whole(problem: str, out_layout: TensorChannels | None = None) -> None:
+        for r in reads:
+            ctx.roots.block(r, f"{_label(node)} {problem}, with bounds that read a channel count at run time")
+        if out_layout is not None:
+            ctx.layout[out.name] = out_layout
+            return
+        ctx.block_tensor(x.name, f"{_label(node)} {problem}")
+        ctx.opaque(out, lx.axis, f"{_label(node)} {problem}")
+
     if "starts" in node.attrs:  # opset < 10
         starts, ends = node.attrs["starts"], node.attrs["ends"]
         axes, steps = node.attrs.get("axes", list(range(len(starts)))), [1] * len(starts)
     else:
-        values = [constant_value(t) if t.name else None for t in node.inputs[1:]] + [None] * 4
+        values = [_static_values(ctx, t) for t in node.inputs[1:]] + [None] * 4
         starts, ends, axes, steps = values[:4]
-        if starts is None or ends is None or (len(node.inputs) > 3 and node.inputs[3].name and axes is None) or \
-                (len(node.inputs) > 4 and node.inputs[4].name and steps is None):
-            ctx.block_tensor(x.name, f"{_label(node)} has dynamic bounds")
-            ctx.opaque(node.outputs[0], lx.axis, f"{_label(node)} has dynamic bounds")
+        dynamic = [i for i in range(1, min(5, len(node.inputs))) if node.inputs[i].name and values[i - 1] is None]
+        if 3 not in dynamic and axes is not None and rank and lx.axis not in [a % rank for a in axes]:
+            keep_whole("slices other axes", out_layout=lx)
             return
-        axes = list(range(len(starts))) if axes is None else axes.tolist()
-        steps = [1] * len(starts) if steps is None else steps.tolist()
-        starts, ends = starts.tolist(), ends.tolist()
+        if dynamic or any(t.name in ctx.shapes for t in node.inputs[3:5]):
+            keep_whole("has dynamic bounds")
+            return
+        axes = list(range(len(starts))) if axes is None else axes
+        steps = [1] * len(starts) if steps is None else steps
     axes = [a % rank for a in axes] if rank else axes
     if lx.axis not in axes:
-        ctx.layout[node.outputs[0].name] = lx
+        keep_whole("slices other axes", out_layout=lx)
         return
     k = axes.index(lx.axis)
     if steps[k] != 1:
-        ctx.block_tensor(x.name, f"{_label(node)} slices channels with step {steps[k]}")
-        ctx.opaque(node.outputs[0], lx.axis, f"{_label(node)} slices channels with a step")
+        keep_whole(f"slices channels with step {steps[k]}")
         return
     lo, hi, _ = slice(starts[k], ends[k]).indices(lx.size)
-    ctx.layout[node.outputs[0].name] = sub_layout(lx, lo, max(lo, hi))
-    ctx.edits.append(Edit(index, "slice_bounds", lx, axis=k))
+    ctx.layout[out.name] = sub_layout(lx, lo, max(lo, hi))
+    computed = "starts" not in node.attrs and any(t.name in ctx.shapes for t in node.inputs[1:3])
+    bounds = (tuple(int(v) for v in starts), tuple(int(v) for v in ends)) if computed else None
+    ctx.edits.append(Edit(index, "slice_bounds", lx, axis=k, bounds=bounds))
 
 
 def _transpose(ctx: _Context, index: int, node: gs.Node) -> None:
@@ -533,8 +648,177 @@ def _transpose(ctx: _Context, index: int, node: gs.Node) -> None:
     ctx.layout[node.outputs[0].name] = TensorChannels(list(perm).index(lx.axis), lx.segments)
 
 
-def _shape_reader(ctx: _Context, index: int, node: gs.Node) -> None:
-    """Shape/Size read no values; a later Reshape that uses them on a feature map blocks there."""
+def _read_shape(ctx: _Context, index: int, node: gs.Node) -> None:
+    """Shape/Size read no values, but what they read may be a channel count that a cut changes. Such values are
+    followed element by element through shape arithmetic (_follow_shape_value); wherever one is used in a way the
+    analysis cannot check, the groups whose count it carries are blocked."""
+    x = node.inputs[0]
+    lx = ctx.layout.get(x.name)
+    if lx is None:
+        return
+    roots = frozenset(s.group for s in lx.segments)
+    rank = _rank(x)
+    if node.op == "Size" or rank is None:
+        ctx.shapes[node.outputs[0].name] = _ShapeValue(None, roots)
+        return
+    entries = [lx if i == lx.axis else None for i in range(rank)]
+    static = [d if isinstance(d, int) else None for d in x.shape]
+    start, end = node.attrs.get("start", 0), node.attrs.get("end", rank)
+    entries, static = entries[slice(start, end)], static[slice(start, end)]
+    if any(e is not None for e in entries):
+        ctx.shapes[node.outputs[0].name] = _ShapeValue(tuple(entries), roots, tuple(static))
+
+
+# Ops that move elements of small 1-D shape values around (followed element by element), and ops that compute with
+# them (the result depends on the same counts, element correspondence lost).
+SHAPE_FOLLOWERS = {"Identity", "Cast", "Gather", "Slice", "Concat", "Unsqueeze", "Squeeze"}
+SHAPE_ARITHMETIC = {"Add", "Sub", "Mul", "Div", "Mod", "Neg", "Abs", "Max", "Min", "Floor", "Ceil", "Sqrt", "Equal",
+                    "Less", "Greater", "LessOrEqual", "GreaterOrEqual", "Where", "Not", "And", "Or", "ReduceProd",
+                    "ReduceSum", "ReduceMax", "ReduceMin", "Sign", "Clip"}
+
+
+def _shape_computation(ctx: _Context, node: gs.Node) -> bool:
+    """Follow a node that computes with channel-count values; True if that is all it does (no feature map in or out).
+    A node that uses such a value otherwise (Reshape target, Expand, ConstantOfShape, Slice bounds on a feature map,
+    ...) blocks the groups the value depends on, and is then analysed by its own rule."""
+    values = [ctx.shapes.get(t.name) for t in node.inputs]
+    if not any(values):
+        return False
+    roots = frozenset().union(*(v.roots for v in values if v))
+    if not any(t.name in ctx.layout for t in node.inputs) and node.op in SHAPE_FOLLOWERS | SHAPE_ARITHMETIC:
+        entries = _follow_shape_value(ctx, node) if node.op in SHAPE_FOLLOWERS else None
+        if entries is not None:  # exact: only the counts actually selected
+            roots = frozenset(s.group for e in entries if e is not None for s in e.segments)
+        static = _static_result(ctx, node)
+        for out in node.outputs:
+            ctx.shapes[out.name] = _ShapeValue(entries, roots, static)
+        return True
+    if node.op == "Resize" and all(v is None or i == 3 for i, v in enumerate(values)):
+        return False  # run-time sizes: _check_resize verifies them against the resized tensor
+    if node.op == "Slice" and node.inputs[0].name in ctx.layout:
+        return False  # a Slice of a feature map checks its own bounds (_slice)
+    for r in roots:
+        ctx.roots.block(r, f"{_label(node)} uses a channel count read at run time (Shape) in a way that does not "
+                           f"follow the cut")
+    return False
+
+
+def _elements(ctx: _Context, t: gs.Tensor) -> list[TensorChannels | None] | None:
+    """Per-element channel entries of a small integer tensor: tracked, constant (no channel counts), or of static
+    size and free of any channel count."""
+    if t.name in ctx.shapes:
+        entries = ctx.shapes[t.name].entries
+        return None if entries is None else list(entries)
+    value = constant_value(t)
+    if value is not None:
+        return [None] * int(np.asarray(value).size)
+    shape = t.shape
+    if shape is not None and all(isinstance(d, int) for d in shape):
+        return [None] * int(np.prod(shape, dtype=np.int64))
+    return None
+
+
+def _static_values(ctx: _Context, t: gs.Tensor) -> list[int] | None:
+    """The static integer values of a small tensor: constant, or a followed shape value whose dims are all static."""
+    values = _partly_static(ctx, t)
+    return None if values is None or any(v is None for v in values) else values
+
+
+def _partly_static(ctx: _Context, t: gs.Tensor) -> list[int | None] | None:
+    """Per element, the static value of a small integer tensor (None for elements that read a dynamic dim)."""
+    if not t.name:
+        return None
+    if t.name in ctx.shapes:
+        static = ctx.shapes[t.name].static
+        return None if static is None else list(static)
+    value = constant_value(t)
+    if value is None or not np.issubdtype(np.asarray(value).dtype, np.integer):
+        return None
+    return [int(v) for v in np.asarray(value).reshape(-1)]
+
+
+_STATIC_ARITHMETIC: dict[str, Callable[[int, int], int]] = {
+    "Add": lambda a, b: a + b, "Sub": lambda a, b: a - b, "Mul": lambda a, b: a * b,
+    "Div": lambda a, b: int(a / b),  # integer Div truncates toward zero
+    "Max": max, "Min": min,
+}
+
+
+def _static_result(ctx: _Context, node: gs.Node) -> tuple[int | None, ...] | None:
+    """Evaluate a shape computation on static values, element by element (None where that is not possible)."""
+    args = [_partly_static(ctx, t) for t in node.inputs if t.name]
+    if not args or args[0] is None:
+        return None
+    if node.op in ("Gather", "Slice"):  # indices and bounds are read as constants
+        return _move_elements(node, args[0])
+    if any(a is None for a in args):
+        return None
+    if node.op in ("Identity", "Cast", "Unsqueeze", "Squeeze"):
+        return tuple(args[0])
+    if node.op == "Concat":
+        return tuple(v for a in args for v in a)
+    if node.op in _STATIC_ARITHMETIC and len(args) == 2 and len(args[0]) in (1, len(args[1])) and \
+            len(args[1]) in (1, len(args[0])):
+        n = max(len(args[0]), len(args[1]))
+        a, b = (x * n if len(x) == 1 else x for x in args)
+        if node.op == "Div" and 0 in b:
+            return None
+        return tuple(None if x is None or y is None else _STATIC_ARITHMETIC[node.op](x, y) for x, y in zip(a, b))
+    return None
+
+
+def _follow_shape_value(ctx: _Context, node: gs.Node) -> tuple[TensorChannels | None, ...] | None:
+    data = _elements(ctx, node.inputs[0])
+    if data is None:
+        return None
+    if node.op == "Concat":
+        parts = [_elements(ctx, t) for t in node.inputs if t.name]
+        return None if any(p is None for p in parts) else tuple(e for p in parts for e in p)
+    return _move_elements(node, data)
+
+
+def _move_elements(node: gs.Node, data: list) -> tuple | None:
+    """Apply a follower's element moves (Identity, Cast, Unsqueeze, Squeeze, Gather, Slice of a 1-D value) to a list."""
+    if node.op in ("Identity", "Cast", "Unsqueeze", "Squeeze"):
+        return tuple(data)
+    if node.op == "Gather":
+        indices = constant_value(node.inputs[1])
+        if indices is None or int(node.attrs.get("axis", 0)) != 0:
+            return None
+        return tuple(data[int(i)] for i in np.asarray(indices).reshape(-1))
+    # Slice of a 1-D value
+    if "starts" in node.attrs:
+        starts, ends, axes, steps = node.attrs["starts"], node.attrs["ends"], node.attrs.get("axes", [0]), [1]
+    else:
+        args = [constant_value(t) if t.name else None for t in node.inputs[1:]] + [None] * 4
+        if args[0] is None or args[1] is None or any(args[i] is None and len(node.inputs) > i + 1 and
+                                                    node.inputs[i + 1].name for i in (2, 3)):
+            return None
+        starts, ends = args[0].tolist(), args[1].tolist()
+        axes = [0] if args[2] is None else args[2].tolist()
+        steps = [1] if args[3] is None else args[3].tolist()
+    if len(starts) != 1 or axes[0] not in (0, -1):
+        return None
+    return tuple(data[slice(*slice(int(starts[0]), int(ends[0]), int(steps[0])).indices(len(data)))])
+
+
+def _softmax(ctx: _Context, index: int, node: gs.Node) -> None:
+    """Softmax and friends normalise over an axis: harmless elsewhere, but over the channel axis every output depends
+    on every channel. In particular a softmax over fewer classes is not the original restricted to them."""
+    lx = ctx.layout.get(node.inputs[0].name)
+    if lx is None:
+        return
+    rank = _rank(node.inputs[0])
+    if rank is None:
+        touches = True
+    elif ctx.graph.opset < 13:  # the input is coerced to 2-D: normalised over all axes from `axis` on
+        touches = lx.axis >= int(node.attrs.get("axis", 1)) % rank
+    else:
+        touches = int(node.attrs.get("axis", -1)) % rank == lx.axis
+    if touches:
+        ctx.block_tensor(node.inputs[0].name, f"{_label(node)} normalises over the channel axis: cutting channels (or "
+                                              f"output classes) would change every remaining value")
+    ctx.layout[node.outputs[0].name] = lx
 
 
 def _blocker(ctx: _Context, index: int, node: gs.Node) -> None:
@@ -552,7 +836,8 @@ RULES: dict[str, Rule] = {
     **{op: _passthrough for op in UNARY},
     **{op: _spatial for op in SPATIAL},
     **{op: _elementwise for op in ELEMENTWISE},
-    **{op: _shape_reader for op in SHAPE_READERS},
+    **{op: _read_shape for op in SHAPE_READERS},
+    **{op: _softmax for op in ("Softmax", "LogSoftmax", "Hardmax")},
     "Conv": _conv, "ConvTranspose": _conv,
     "BatchNormalization": _norm, "InstanceNormalization": _norm,
     "Concat": _concat, "Split": _split, "Slice": _slice, "Transpose": _transpose,
@@ -563,19 +848,42 @@ def analyse(graph_or_model: gs.Graph | onnx.ModelProto) -> ChannelAnalysis:
     """Channel groups of a (shape-inferred) graph. Does not modify its argument."""
     graph = gs.import_onnx(graph_or_model) if isinstance(graph_or_model, onnx.ModelProto) else graph_or_model
     ctx = _Context(graph)
+    layout_hint = _layout_hint(graph_or_model)
     for t in graph.inputs:
-        axis = 1
+        axis = _input_channel_axis(t, layout_hint)
         size = _dim(t, axis)
         if size is not None:
-            ctx.layout[t.name] = TensorChannels(axis, (Segment(ctx.roots.new(size, blocked="model input channels"), 0, size),))
+            root = ctx.roots.new(size, blocked="model input channels")
+            ctx.layout[t.name] = TensorChannels(axis, (Segment(root, 0, size),))
     for index, node in enumerate(graph.nodes):
-        RULES.get(node.op, _blocker)(ctx, index, node)
+        if not _shape_computation(ctx, node):
+            RULES.get(node.op, _blocker)(ctx, index, node)
+    for out in graph.outputs:
+        if out.name in ctx.shapes:
+            for r in ctx.shapes[out.name].roots:
+                ctx.roots.block(r, f"graph output {out.name!r} carries a channel count")
 
     class_root = _class_root(ctx, graph)
     for out in graph.outputs:
         if out.name in ctx.layout and (class_root is None or out is not graph.outputs[0]):
             ctx.block_tensor(out.name, f"feeds graph output {out.name!r}")
     return _finish(ctx, graph, class_root)
+
+
+def _layout_hint(graph_or_model: gs.Graph | onnx.ModelProto) -> str | None:
+    if isinstance(graph_or_model, onnx.ModelProto):
+        return next((p.value for p in graph_or_model.metadata_props if p.key == "disasm.layout"), None)
+    return None
+
+
+def _input_channel_axis(t: gs.Tensor, layout_hint: str | None) -> int:
+    """Axis 1, unless the model says it takes NHWC images (metadata disasm.layout) or every consumer of a rank-4 input
+    is the NHWC -> NCHW Transpose that tf2onnx-style exports start with."""
+    rank = _rank(t)
+    if rank == 4 and (layout_hint == "nhwc" or (t.outputs and all(
+            n.op == "Transpose" and list(n.attrs.get("perm", [])) == [0, 3, 1, 2] for n in t.outputs))):
+        return 3
+    return 1
 
 
 def _class_root(ctx: _Context, graph: gs.Graph) -> int | None:
@@ -610,7 +918,7 @@ def _finish(ctx: _Context, graph: gs.Graph, class_root: int | None) -> ChannelAn
     for name, t in ctx.observed.items():
         for g in {s.group for s in tensors[name].segments}:
             groups[g].observed.append(name)
-    edits = [Edit(e.node, e.kind, remap(e.channels), e.input, e.axis) for e in ctx.edits]
+    edits = [replace(e, channels=remap(e.channels)) for e in ctx.edits]
     class_group = ids[class_root] if class_root is not None else None
     _set_depths(groups, tensors, graph, class_group)
     return ChannelAnalysis(groups, tensors, edits, class_group)

@@ -27,7 +27,8 @@ def _with_static_input(model: onnx.ModelProto, input_shape: tuple[int, ...]) -> 
         d.Clear()
         d.dim_value = size
     del fixed.graph.value_info[:]
-    return onnx.shape_inference.infer_shapes(fixed)
+    # data_prop: sizes computed from Shape at run time (interpolate(x, size=y.shape[-2:])) become known
+    return onnx.shape_inference.infer_shapes(fixed, data_prop=True)
 
 
 def _shapes(model: onnx.ModelProto) -> dict[str, tuple[int, ...]]:

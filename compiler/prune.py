@@ -59,8 +59,8 @@ def _apply(graph: gs.Graph, analysis: ChannelAnalysis, keep_sets: dict[int, np.n
             if value is None or kept.size == edit.channels.size:
                 continue
             values[key] = _edit_value(value, edit, kept, zero_consumers)
-        elif kept.size == edit.channels.size or zero_consumers:
-            continue
+        elif zero_consumers or (kept.size == edit.channels.size and edit.bounds is None):
+            continue  # (bounds computed at run time are always written as constants: they may read other cut groups)
         elif edit.kind == "group":
             node.attrs["group"] = int(kept.size)
         elif edit.kind == "split":
@@ -108,6 +108,8 @@ def _rewrite_slice(graph: gs.Graph, node: gs.Node, edit: Edit, keep_sets: dict[i
     lx = edit.channels
     if "starts" in node.attrs:
         starts, ends = list(node.attrs["starts"]), list(node.attrs["ends"])
+    elif edit.bounds is not None:  # computed at run time from channel counts the cut changes: written as constants
+        starts, ends = list(edit.bounds[0]), list(edit.bounds[1])
     else:
         starts, ends = constant_value(node.inputs[1]).tolist(), constant_value(node.inputs[2]).tolist()
     lo, hi, _ = slice(starts[edit.axis], ends[edit.axis]).indices(lx.size)
@@ -119,7 +121,7 @@ def _rewrite_slice(graph: gs.Graph, node: gs.Node, edit: Edit, keep_sets: dict[i
     if "starts" in node.attrs:
         node.attrs["starts"], node.attrs["ends"] = starts, ends
     else:
-        dtype = constant_value(node.inputs[1]).dtype
+        dtype = np.int64 if edit.bounds is not None else constant_value(node.inputs[1]).dtype
         node.inputs[1] = gs.Constant(f"{node.inputs[1].name}__pruned_{node.name or id(node)}", np.asarray(starts, dtype))
         node.inputs[2] = gs.Constant(f"{node.inputs[2].name}__pruned_{node.name or id(node)}", np.asarray(ends, dtype))
 
