@@ -666,7 +666,7 @@ def _gather(ctx: OpContext, x: Tensor, indices: Tensor) -> Tensor:
     axis = _axis(ctx.attrs["axis"], x.dim())
     indices = torch.where(indices < 0, indices + x.shape[axis], indices)  # negative indices count from the end
     picked = x.index_select(axis, indices.reshape(-1))
-    return picked.reshape(*x.shape[:axis], *indices.shape, *x.shape[axis + 1:])
+    return picked.reshape((*x.shape[:axis], *indices.shape, *x.shape[axis + 1:]))  # a tuple: () is a valid shape
 
 
 def _expand(ctx: OpContext, x: Tensor, shape: Tensor) -> Tensor:

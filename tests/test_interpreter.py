@@ -245,6 +245,9 @@ def shape_cases() -> list[OpCase]:
                opset=13),
         OpCase("Gather-scalar-negative", "Gather", ["x", "i"], {"x": x}, {"i": np.array(-1, np.int64)},
                attrs={"axis": 1}),
+        # Shape -> Gather(scalar) -> a 0-d value: how legacy exports read one dimension of a shape
+        OpCase("Gather-scalar-from-1d", "Gather", ["x", "i"], {"x": np.arange(4, dtype=np.float32)},
+               {"i": np.array(2, np.int64)}, attrs={"axis": 0}),
         OpCase("Gather-2d-indices", "Gather", ["x", "i"], {"x": x}, {"i": _i64(0, 3, -1, 1).reshape(2, 2)},
                attrs={"axis": 2}),
         OpCase("Expand-bidirectional", "Expand", ["x", "s"], {"x": _rand(3, 1)}, {"s": _i64(2, 1, 4)}),

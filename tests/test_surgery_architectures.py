@@ -339,3 +339,15 @@ def test_run_time_channel_count_used_elsewhere_blocks_its_group():
     a, b = (analysis.groups[analysis.tensors[t].segments[0].group] for t in ("a", "b"))
     assert not a.prunable and "read a channel count at run time" in a.blocked[0]
     assert b.prunable
+
+
+@pytest.mark.parametrize("arch,exporter", CASES)
+def test_interpreter_matches_onnxruntime(cases, arch, exporter):
+    """Attribution runs these models in PyTorch: the interpreter must compute what ONNX Runtime computes."""
+    from disasm.attribution.interpreter import TorchGraph
+
+    case = cases(arch, exporter)
+    graph = TorchGraph(case.model)
+    with torch.no_grad():
+        out = graph.run({graph.input_names[0]: torch.from_numpy(case.image)})[graph.output_names[0]]
+    np.testing.assert_allclose(out.numpy(), case.full, atol=1e-4, rtol=1e-4)
