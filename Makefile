@@ -7,7 +7,7 @@ OUT    ?= disasm-out/demo
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q -e '.[dev,trt]'
 	touch $@
 
 venv: $(VENV)/.installed
