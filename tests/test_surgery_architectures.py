@@ -351,3 +351,19 @@ def test_interpreter_matches_onnxruntime(cases, arch, exporter):
     with torch.no_grad():
         out = graph.run({graph.input_names[0]: torch.from_numpy(case.image)})[graph.output_names[0]]
     np.testing.assert_allclose(out.numpy(), case.full, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("arch,exporter", CASES)
+def test_tensorrt_builds_the_pruned_model(cases, arch, exporter):
+    """TensorRT(-RTX) parses every pruned graph and builds an SM86 engine ahead of time, on this CPU-only machine."""
+    tensorrt = pytest.importorskip("disasm.runtime.tensorrt")
+    if tensorrt.trt_module() is None or tensorrt.trt_module().__name__ != "tensorrt_rtx":
+        pytest.skip("needs tensorrt_rtx (the trt extra) to build for SM86 without a GPU")
+    case = cases(arch, exporter)
+    rng = np.random.default_rng(0)
+    keep_sets = {g.id: np.sort(rng.choice(g.size, max(1, g.size // 2), replace=False))
+                 for g in case.analysis.groups if g.prunable}
+    pruned = prune(case.model, case.analysis, keep_sets)
+    build = tensorrt.build_engine(pruned.SerializeToString(), "sm86",
+                                  input_shapes={case.model.graph.input[0].name: case.image.shape})
+    assert build.serialized and build.target == "sm86"
