@@ -29,7 +29,7 @@ def calibrate(model: Model, analysis: ChannelAnalysis, inputs: np.ndarray, setti
     graph = TorchGraph(model.proto, device=device)
     consumers = find_consumers(model.proto, analysis) if moments else []
     return attribute(graph, inputs, observed_tensors(analysis), len(model.classes), model.output_kind, settings,
-                     progress, consumers)
+                     progress, consumers, model.class_axis)
 
 
 def cache_keys(model: Model, analysis: ChannelAnalysis, images_sha256: str, settings: AttributionSettings,

@@ -124,14 +124,17 @@ def _mask_on_grid(masks: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 
 
 def attribute_batch(graph: TorchGraph, x: torch.Tensor, tensors: list[str], num_classes: int, output_kind: str,
-                    settings: AttributionSettings, consumers: list[Consumer] = ()) -> Attribution:
-    """Disassembler vectors of one batch (sums over its images), and the input moments of `consumers`."""
+                    settings: AttributionSettings, consumers: list[Consumer] = (), class_axis: int = 1) -> Attribution:
+    """Disassembler vectors of one batch (sums over its images), and the input moments of `consumers`.
+    `class_axis` is the output axis that holds the classes (1 for [N, K, H, W], 3 for [N, H, W, K] outputs)."""
     x = x.detach().requires_grad_(False)
     capture = list(dict.fromkeys([*tensors, *(c.tensor for c in consumers)]))
     values = graph.run({graph.input_names[0]: x}, capture=capture)
     output = values[graph.output_names[0]]
-    if output.shape[1] != num_classes:
-        raise DisasmError(f"model output has {output.shape[1]} channels on axis 1, expected {num_classes} classes")
+    if output.dim() != 4 or output.shape[class_axis] != num_classes:
+        raise DisasmError(f"model output has shape {list(output.shape)}: expected {num_classes} classes on axis "
+                          f"{class_axis}")
+    output = output.movedim(class_axis, 1)  # [B, K, H, W] from here on; gradients flow through the view
     with torch.no_grad():
         masks = (_class_probabilities(output, output_kind) > settings.tau).float()       # [B, K, H, W]
         present = masks.mean(dim=(2, 3)) >= settings.min_mask_fraction                    # [B, K]
@@ -171,14 +174,14 @@ def attribute_batch(graph: TorchGraph, x: torch.Tensor, tensors: list[str], num_
 
 def attribute(graph: TorchGraph, inputs: np.ndarray, tensors: list[str], num_classes: int, output_kind: str,
               settings: AttributionSettings, progress: Callable[[int, int], None] | None = None,
-              consumers: list[Consumer] = ()) -> Attribution:
+              consumers: list[Consumer] = (), class_axis: int = 1) -> Attribution:
     """Disassembler vectors of a whole calibration set, batch by batch (inputs: preprocessed float32 images), and
-    the input moments of `consumers` for least-squares compensation."""
+    the input moments of `consumers` for least-squares compensation. `class_axis`: see attribute_batch."""
     total: Attribution | None = None
     device = graph.device
     for start in range(0, len(inputs), settings.batch_size):
         x = torch.from_numpy(inputs[start:start + settings.batch_size]).to(device)
-        part = attribute_batch(graph, x, tensors, num_classes, output_kind, settings, consumers)
+        part = attribute_batch(graph, x, tensors, num_classes, output_kind, settings, consumers, class_axis)
         total = part if total is None else total.merge(part)
         if progress:
             progress(min(start + settings.batch_size, len(inputs)), len(inputs))

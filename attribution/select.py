@@ -134,8 +134,12 @@ def select_channels(analysis: ChannelAnalysis, scores: dict[int, np.ndarray], se
     choices: list[GroupChoice] = []
     for group in analysis.groups:
         if group.id == analysis.class_group:
-            keep_sets[group.id] = class_keep
-            choices.append(GroupChoice(group.id, group.size, len(class_keep), 0, "class output: chosen categories"))
+            if group.prunable:
+                keep_sets[group.id] = class_keep
+                choices.append(GroupChoice(group.id, group.size, len(class_keep), 0, "class output: chosen categories"))
+            else:  # e.g. a Softmax over the classes follows: the classes are gathered at the output instead
+                choices.append(GroupChoice(group.id, group.size, group.size, 0,
+                                           f"class conv kept whole ({group.blocked[0]}); classes gathered at the output"))
             continue
         reason = ""
         if group.blocked:

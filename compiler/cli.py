@@ -1,8 +1,16 @@
 """disasm-compile: specialise a segmentation network to a few categories and prove what it gained and kept.
 
-Example:
+Examples:
+  # the shipped example: class names and preprocessing come from its metadata
   disasm-compile examples/shapes_seg.onnx --categories circle,star \\
       --images examples/data/calib --eval-images examples/data/eval/images --masks examples/data/eval/masks
+  # a torch export with a dynamic input size, weights in model.onnx.data next to it; images of mixed sizes
+  disasm-compile model.onnx --categories person,car --labels voc --images calib/ --input-size 512x512
+  # a tf2onnx export: NHWC input, probabilities out, BGR pixels in [-1, 1]
+  disasm-compile tf_model.onnx --categories road --labels cityscapes --images calib/ --layout nhwc \\
+      --output probs --mean 127.5 --std 127.5 --bgr --resize none
+  # images and masks in subfolders (masks matched by relative path without suffix)
+  disasm-compile model.onnx --categories car --images val/images --masks val/masks --recursive --out car/ --force
 
 Flow (one direction): load the model -> Disassembler attribution on the calibration images (all categories) ->
 select the channels the chosen categories need -> ONNX surgery -> ONNX Runtime latency of full vs pruned (interleaved,
@@ -13,6 +21,7 @@ This module only orchestrates; every algorithm lives in compiler/, attribution/ 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import shutil
 import sys
@@ -41,15 +50,15 @@ from disasm.attribution.select import (GroupChoice, SelectionSettings, class_kee
 from disasm.compiler.channels import ChannelAnalysis, analyse
 from disasm.compiler.cost import model_cost
 from disasm.compiler.errors import DisasmError
-from disasm.compiler.images import load_images, load_masks, preprocess, scan_images
+from disasm.compiler.images import RESIZE_POLICIES, ImageFolder, load_images, load_masks, parse_size, preprocess, scan_images
 from disasm.compiler.labels import LabelSet, match_categories
-from disasm.compiler.load import Model, load_model
+from disasm.compiler.load import LAYOUTS, OUTPUT_KINDS, Model, Overrides, load_model, parse_floats, write_onnx
 from disasm.compiler.prune import prune
 from disasm.runtime.fidelity import evaluate_fidelity
 from disasm.runtime.latency import measure_latency, speedup
 from disasm.runtime.onnxrt import OnnxRuntimeRunner
 from disasm.runtime.plots import write_png
-from disasm.runtime.report import print_report, write_atomic, write_report
+from disasm.runtime.report import print_report, write_report
 
 
 FRAGILE_LOSS = 0.05  # a cut group is fragile when a consumer still loses >5% of its output energy after compensation
@@ -57,25 +66,54 @@ ARTIFACT_FILES = ("pruned.onnx", "pruned.onnx.data", "report.json", "report.md",
 ARTIFACT_FOLDERS = ("engines", "attribution")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with the command's error convention: one line on stderr and exit code 2, no usage block."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="disasm-compile", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = _Parser(prog="disasm-compile", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model", type=Path, help="the segmentation model (.onnx); never modified")
     p.add_argument("--categories", required=True, help="comma-separated class names to keep, e.g. circle,star "
                    "(case and ' ', '_', '-' are ignored when matching)")
     p.add_argument("--labels", help="class names of the output channels, overriding the model metadata: a built-in set "
                    "(voc, coco-voc, cityscapes, ade20k), a text file (one name per line), or a comma-separated list")
     io = p.add_argument_group("inputs and outputs")
-    io.add_argument("--images", type=Path, required=True, help="calibration image folder (PNG/JPEG) for attribution")
+    io.add_argument("--images", type=Path, required=True, help="calibration image folder (PNG/JPEG/BMP/WebP) for "
+                    "attribution, e.g. --images calib/; unreadable files are skipped and counted")
     io.add_argument("--eval-images", type=Path, help="evaluation image folder for fidelity (default: --images)")
     io.add_argument("--masks", type=Path, help="ground-truth masks for the evaluation images, matched by file stem "
-                                               "(grey or palette PNG of class indices, 255 = ignore); adds mIoU")
-    io.add_argument("--recursive", action="store_true", help="also read images in subfolders")
+                                               "(grey or palette PNG of class indices, 255 = ignore); adds mIoU, "
+                                               "e.g. --eval-images val/images --masks val/masks")
+    io.add_argument("--recursive", action="store_true", help="also read images (and masks) in subfolders; masks are "
+                    "then matched by relative path without suffix (images/a/b.jpg <-> masks/a/b.png)")
     io.add_argument("--out", type=Path, help="output folder (default: disasm-out/<model>-<categories>)")
     io.add_argument("--force", action="store_true", help="replace the contents of an existing output folder")
     io.add_argument("--cache", type=Path, help="attribution cache folder, shared by runs with other --categories "
                                                "(default: attribution-cache/ next to the output folder)")
     io.add_argument("--no-cache", action="store_true", help="neither read nor write the attribution cache")
+    mo = p.add_argument_group("model input and output (default: the model's disasm.* metadata, else read from the "
+                              "graph, else ImageNet RGB)")
+    mo.add_argument("--layout", choices=LAYOUTS, help="image input layout: nchw ([N,C,H,W]) or nhwc ([N,H,W,C], "
+                    "tf2onnx exports), e.g. --layout nhwc; the class axis of the output is read from the graph")
+    mo.add_argument("--output", choices=OUTPUT_KINDS, help="what the output holds: logits, probs (softmax over the "
+                    "classes) or sigmoid (independent per-class probabilities), e.g. --output probs")
+    mo.add_argument("--input-size", metavar="HxW", help="image size for a model with a dynamic input size, e.g. "
+                    "--input-size 512x1024 (needed when its images differ in size; static models use their own)")
+    mo.add_argument("--resize", choices=RESIZE_POLICIES, default="stretch", help="stretch: resize images (bilinear) "
+                    "and masks (nearest) to the input size; none: images must already have it, e.g. --resize none "
+                    "(default %(default)s)")
+    mo.add_argument("--mean", help="per-channel mean in pixel units (0-255), subtracted before dividing by --std, "
+                    "e.g. --mean 123.675,116.28,103.53 (one value applies to every channel: --mean 127.5)")
+    mo.add_argument("--std", help="per-channel standard deviation in pixel units, e.g. --std 58.395,57.12,57.375 or "
+                    "--std 127.5")
+    color = mo.add_mutually_exclusive_group()
+    color.add_argument("--bgr", dest="color", action="store_const", const="bgr", help="feed channels in BGR order "
+                       "(OpenCV/Caffe-trained models), e.g. --bgr")
+    color.add_argument("--rgb", dest="color", action="store_const", const="rgb", help="feed channels in RGB order "
+                       "even if the metadata says disasm.color=bgr")
     at = p.add_argument_group("attribution (Disassembler)")
     at.add_argument("--tau", type=float, default=AttributionSettings.tau, help="pixel confidence of the category masks (default %(default)s)")
     at.add_argument("--gradient", default=AttributionSettings.gradient, help="gradient policy: positive, negative, absolute (default %(default)s)")
@@ -118,6 +156,9 @@ def output_dir(args: argparse.Namespace, categories: list[str]) -> Path:
     for given in filter(None, inputs):
         if out.resolve() == given.resolve() or given.resolve().is_relative_to(out.resolve()):
             raise DisasmError(f"output folder {out} would overwrite the input {given}; choose another --out")
+    for folder in filter(None, inputs[1:]):  # report.png would become an input image of the next run
+        if out.resolve().is_relative_to(folder.resolve()):
+            raise DisasmError(f"output folder {out} lies inside the input folder {folder}; choose another --out")
     if out.exists() and not out.is_dir():
         raise DisasmError(f"{out}: exists and is not a folder")
     if out.exists() and any(out.iterdir()) and not args.force:
@@ -150,6 +191,49 @@ class Stages:
             yield lambda done, _total=None: progress.update(task, completed=done)
             progress.update(task, completed=total or 1)
         self.seconds[name] = round(time.perf_counter() - start, 3)
+
+
+def class_output_blocker(analysis: ChannelAnalysis) -> str | None:
+    """Why the class conv cannot be sliced to the chosen classes (they are then gathered at the output), or None."""
+    if analysis.class_group is None:
+        return "no single conv makes the class scores"
+    blocked = analysis.groups[analysis.class_group].blocked
+    return blocked[0] if blocked else None
+
+
+def model_overrides(args: argparse.Namespace) -> Overrides:
+    """What the command line says about the model's input and output (None where it says nothing)."""
+    return Overrides(layout=args.layout, output=args.output,
+                     mean=parse_floats(args.mean, "--mean") if args.mean is not None else None,
+                     std=parse_floats(args.std, "--std") if args.std is not None else None, color=args.color)
+
+
+def input_size(model: Model, args: argparse.Namespace) -> tuple[int, int] | None:
+    """(H, W) images are fed at: the model's static size, else --input-size, else None (each image's own size)."""
+    requested = parse_size(args.input_size) if args.input_size else None
+    static = model.image_size
+    if static and requested and requested != static:
+        raise DisasmError(f"--input-size {requested[0]}x{requested[1]} differs from the model's static input size "
+                          f"{static[0]}x{static[1]}; leave --input-size out")
+    return static or requested
+
+
+def calibration_digest(paths: list[Path], changed_inputs: dict[str, Any]) -> str:
+    """The cache's image-set hash, extended by the flags that change what attribution sees (preprocessing, size,
+    output kind). Without such flags it is the plain image hash, as the distributed runner computes it."""
+    digest = images_digest(paths)
+    if not changed_inputs:
+        return digest
+    return hashlib.sha256(json.dumps({"images": digest, "inputs": changed_inputs}, sort_keys=True).encode()).hexdigest()
+
+
+def warn_skipped(folders: list[ImageFolder]) -> None:
+    for folder in folders:
+        if folder.skipped:
+            shown = ", ".join(f"{p.name} ({why})" for p, why in folder.skipped[:3])
+            more = f" and {len(folder.skipped) - 3} more" if len(folder.skipped) > 3 else ""
+            print(f"disasm-compile: warning: skipped {len(folder.skipped)} unreadable file(s) in {folder.root}: "
+                  f"{shown}{more}", file=sys.stderr)
 
 
 @dataclass
@@ -190,16 +274,19 @@ def specialise(model: Model, analysis: ChannelAnalysis, attribution: Attribution
     metadata = {"disasm.classes": ",".join(kept_classes), "disasm.background": model.background or "",
                 "disasm.output": model.output_kind, **model.preprocessing.metadata(),
                 "disasm.source_sha256": model.sha256, "disasm.settings": json.dumps(settings, sort_keys=True)}
-    pruned = prune(model.proto, analysis, keep_sets, metadata=metadata, replacements=replacements)
+    gather = class_output_blocker(analysis) is not None  # the class conv cannot be sliced: select at the output
+    pruned = prune(model.proto, analysis, keep_sets, metadata=metadata, replacements=replacements,
+                   output_keep=class_keep if gather else None, output_axis=model.class_axis)
     losses = consumer_losses(model.proto, analysis, keep_sets, attribution, replacements)
     return Specialised(pruned, keep_sets, choices, class_keep, kept_classes, fallbacks, losses)
 
 
 def run(args: argparse.Namespace, stages: Stages) -> dict[str, Any]:
-    model = load_model(args.model, args.labels)
+    model = load_model(args.model, args.labels, model_overrides(args))
     categories = parse_categories(args.categories, model)
+    batch_size = args.batch_size if model.input_shape[0] is None else 1  # a static batch of 1 takes one at a time
     attribution_settings = AttributionSettings(tau=args.tau, gradient=args.gradient, target=args.target,
-                                               batch_size=args.batch_size)
+                                               batch_size=batch_size)
     selection_settings = SelectionSettings(alpha=args.alpha, beta=args.beta, rule=args.rule, round_to=args.round_to,
                                            last_n=args.last_n, keep_ratio=args.keep_ratio)
     if args.runs < 1:
@@ -208,17 +295,23 @@ def run(args: argparse.Namespace, stages: Stages) -> dict[str, Any]:
         raise DisasmError(f"--compensate {args.compensate!r} unknown; choose one of {', '.join(COMPENSATIONS)}")
     out = output_dir(args, categories)
     remove_previous_artifacts(out)
-    size = model.image_size
+    size = input_size(model, args)
     calib = scan_images(args.images, args.recursive, size)
     evaluation = scan_images(args.eval_images, args.recursive, size) if args.eval_images else calib
-    masks = load_masks(args.masks, evaluation, size) if args.masks else None
-    calib_inputs = preprocess(load_images(calib.paths, size), model.preprocessing)
-    eval_inputs = calib_inputs if evaluation is calib else preprocess(load_images(evaluation.paths, size), model.preprocessing)
+    folders = [calib] if evaluation is calib else [calib, evaluation]
+    warn_skipped(folders)
+    masks = load_masks(args.masks, evaluation, size, len(model.classes)) if args.masks else None
+    calib_inputs = preprocess(load_images(calib.paths, size, args.resize), model.preprocessing)
+    eval_inputs = calib_inputs if evaluation is calib else \
+        preprocess(load_images(evaluation.paths, size, args.resize), model.preprocessing)
+    inputs = {"layout": model.preprocessing.layout, "class_axis": model.class_axis, "output": model.output_kind,
+              "size": list(size) if size else None, "resize": args.resize}
+    changed_inputs = {k: v for k, v in {**asdict(model_overrides(args)), "size": args.input_size and size}.items() if v}
 
     analysis = analyse(model.proto)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     moments = args.compensate == "lsq"
-    keys = cache_keys(model, analysis, images_digest(calib.paths), attribution_settings, moments)
+    keys = cache_keys(model, analysis, calibration_digest(calib.paths, changed_inputs), attribution_settings, moments)
     cache_dir = None if args.no_cache else (args.cache or out.resolve().parent / "attribution-cache")
     attribution = next(filter(None, (attribution_cache.load(cache_dir, k) for k in keys)), None) if cache_dir else None
     cache_hit = attribution is not None
@@ -228,12 +321,13 @@ def run(args: argparse.Namespace, stages: Stages) -> dict[str, Any]:
         if cache_dir:
             attribution_cache.save(cache_dir, keys[0], attribution)
     settings = {"attribution": attribution_settings.to_dict(), "selection": selection_settings.to_dict(),
-                "criterion": args.criterion, "compensation": args.compensate, "categories": categories}
+                "criterion": args.criterion, "compensation": args.compensate, "categories": categories,
+                "input": inputs}
     with stages.stage("surgery"):
         result = specialise(model, analysis, attribution, categories, selection_settings, args.compensate, settings,
                             args.criterion)
         pruned, class_keep, kept_names, choices = result.pruned, result.class_keep, result.kept_classes, result.choices
-        write_atomic(out / "pruned.onnx", pruned.SerializeToString())
+        write_onnx(pruned, out / "pruned.onnx", external_data=bool(model.external_data))
         attribution_cache.save(out / "attribution", keys[-1] if attribution.moments else keys[0], attribution)
 
     input_shape = (1, *[d if d else 0 for d in model.input_shape[1:]])
@@ -245,7 +339,8 @@ def run(args: argparse.Namespace, stages: Stages) -> dict[str, Any]:
     with stages.stage("fidelity", len(eval_inputs)) as progress:
         background = model.class_index(model.background) if model.background else None
         fidelity = evaluate_fidelity(lambda x: full_runner.infer(x)[0], lambda x: pruned_runner.infer(x)[0],
-                                     eval_inputs, masks, model.classes, class_keep, background, progress)
+                                     eval_inputs, masks, model.classes, class_keep, background, progress,
+                                     model.class_axis)
     with stages.stage("latency", args.runs) as progress:
         sample = eval_inputs[:1]
         stats = measure_latency({"full": lambda: full_runner.infer(sample), "pruned": lambda: pruned_runner.infer(sample)},
@@ -257,12 +352,19 @@ def run(args: argparse.Namespace, stages: Stages) -> dict[str, Any]:
     fragile = sorted((g for g, loss in result.output_loss.items() if loss > FRAGILE_LOSS),
                      key=lambda g: -result.output_loss[g])
     cut = [c for c in choices if not c.reason]
+    whole_output = class_output_blocker(analysis)
     return {
         "model": {"path": str(args.model), "sha256": model.sha256, "classes": list(model.classes),
-                  "background": model.background, "labels_source": model.labels_source, "input_shape": list(input_shape), "output": model.output_kind},
+                  "background": model.background, "labels_source": model.labels_source, "input_shape": list(input_shape),
+                  "output": model.output_kind, "layout": model.preprocessing.layout, "class_axis": model.class_axis,
+                  "input_channels": model.preprocessing.channels, "external_data": list(model.external_data),
+                  "sources": model.sources},
         "categories": categories, "kept_classes": kept_names, "out_dir": str(out),
+        "class_output": {"sliced_at": "class conv" if whole_output is None else "output (Gather)",
+                         "class_conv_kept_whole_because": whole_output},
         "images": {"calibration": len(calib.paths), "calibration_skipped": [str(p) for p, _ in calib.skipped],
                    "evaluation": len(evaluation.paths), "evaluation_skipped": [str(p) for p, _ in evaluation.skipped],
+                   "skipped": sum(len(f.skipped) for f in folders), "size": inputs["size"], "resize": args.resize,
                    "masks": bool(masks is not None),
                    "confident_images_per_class": dict(zip(model.classes, attribution.images_per_class.tolist()))},
         "settings": settings | {"runs": args.runs, "threads": args.threads, "device": device},
@@ -282,7 +384,10 @@ def run(args: argparse.Namespace, stages: Stages) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:  # --help (0) or a bad option (2, one line already printed)
+        return int(e.code or 0)
     stages = Stages(quiet=args.quiet or args.json)
     try:
         report = run(args, stages)

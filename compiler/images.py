@@ -13,6 +13,8 @@ from disasm.compiler.load import Preprocessing
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp"}
 IGNORE_INDEX = 255
+RESIZE_POLICIES = ("stretch", "none")  # stretch: resize to the model's input size; none: images must have it
+GREY_WEIGHTS = np.array([0.299, 0.587, 0.114], np.float32)  # ITU-R 601 luma, as PIL's "L" mode
 
 
 @dataclass
@@ -22,12 +24,29 @@ class ImageFolder:
     root: Path
     paths: list[Path]
     skipped: list[tuple[Path, str]] = field(default_factory=list)
+    recursive: bool = False
+
+    def key(self, path: Path) -> str:
+        """What a mask is matched by: the file stem, or with --recursive the relative path without its suffix."""
+        return path.relative_to(self.root).with_suffix("").as_posix() if self.recursive else path.stem
 
 
-def _read_image(path: Path, size: tuple[int, int] | None) -> np.ndarray:
+def parse_size(text: str) -> tuple[int, int]:
+    """'HxW' (e.g. 512x1024) -> (H, W)."""
+    parts = text.lower().replace("*", "x").split("x")
+    if len(parts) != 2 or not all(p.strip().isdigit() and int(p) > 0 for p in parts):
+        raise DisasmError(f"--input-size {text!r} is not HxW with positive integers, e.g. 512x1024")
+    return int(parts[0]), int(parts[1])
+
+
+def _read_image(path: Path, size: tuple[int, int] | None, resize: str) -> np.ndarray:
     with Image.open(path) as img:
         img = img.convert("RGB")
         if size is not None and img.size != (size[1], size[0]):
+            if resize == "none":
+                raise DisasmError(f"{path}: image is {img.height}x{img.width} (HxW) but the model input is "
+                                  f"{size[0]}x{size[1]} and --resize none was given; resize the images or use "
+                                  f"--resize stretch")
             img = img.resize((size[1], size[0]), Image.BILINEAR)
         return np.asarray(img, dtype=np.uint8)
 
@@ -37,55 +56,90 @@ def scan_images(folder: str | Path, recursive: bool = False, size: tuple[int, in
     root = Path(folder)
     if not root.is_dir():
         raise DisasmError(f"{root}: image folder does not exist" if not root.exists() else f"{root}: not a folder")
-    candidates = sorted(p for p in (root.rglob("*") if recursive else root.iterdir())
-                        if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-    result = ImageFolder(root, [])
+    candidates = sorted((p for p in (root.rglob("*") if recursive else root.iterdir())
+                         if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES),
+                        key=lambda p: p.relative_to(root).as_posix())
+    result = ImageFolder(root, [], recursive=recursive)
     for p in candidates:
         try:
             with Image.open(p) as img:
                 img.verify()
             result.paths.append(p)
-        except (UnidentifiedImageError, OSError, SyntaxError) as e:
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
             result.skipped.append((p, type(e).__name__))
     if not result.paths:
         found = f" ({len(result.skipped)} unreadable)" if result.skipped else ""
-        raise DisasmError(f"{root}: no readable images (PNG/JPEG){found}")
+        deeper = "" if recursive else "; images in subfolders need --recursive"
+        raise DisasmError(f"{root}: no readable images (PNG/JPEG/BMP/WebP){found}{deeper}")
     return result
 
 
-def load_images(paths: list[Path], size: tuple[int, int] | None) -> np.ndarray:
-    """uint8 [N, H, W, 3] RGB, resized to `size` (H, W) when given; all images must then share one size."""
-    images = [_read_image(p, size) for p in paths]
-    shapes = {im.shape for im in images}
+def load_images(paths: list[Path], size: tuple[int, int] | None, resize: str = "stretch") -> np.ndarray:
+    """uint8 [N, H, W, 3] RGB. With `size` (H, W), images are resized to it (`resize` stretch) or must have it
+    (`resize` none); without it, all images must share one size."""
+    try:
+        images = [_read_image(p, size, resize) for p in paths]
+    except (OSError, SyntaxError, ValueError) as e:  # verified by scan_images, but decoding can still fail
+        raise DisasmError(f"cannot decode an image: {type(e).__name__}: {e}") from None
+    shapes = {im.shape[:2] for im in images}
     if len(shapes) != 1:
-        raise DisasmError(f"images have different sizes {sorted(shapes)[:3]}; the model has a dynamic input size, "
-                          f"so pass --input-size to resize them")
+        raise DisasmError(f"images have different sizes (HxW {', '.join(f'{h}x{w}' for h, w in sorted(shapes)[:3])}"
+                          f"{', ...' if len(shapes) > 3 else ''}); the model has a dynamic input size, so pass "
+                          f"--input-size HxW to resize them")
     return np.stack(images)
 
 
 def preprocess(images: np.ndarray, pre: Preprocessing) -> np.ndarray:
-    """float32 model input from uint8 [N, H, W, 3] RGB pixels: colour order, (x - mean) / std, layout."""
-    x = images[..., ::-1] if pre.color == "bgr" else images
-    x = (x.astype(np.float32) - np.asarray(pre.mean, np.float32)) / np.asarray(pre.std, np.float32)
+    """float32 model input from uint8 [N, H, W, 3] RGB pixels: grey or colour order, (x - mean) / std, layout."""
+    if pre.channels == 1:
+        x = images.astype(np.float32) @ GREY_WEIGHTS
+        x = x[..., None]
+    else:
+        x = (images[..., ::-1] if pre.color == "bgr" else images).astype(np.float32)
+    x = (x - np.asarray(pre.mean, np.float32)) / np.asarray(pre.std, np.float32)
     return np.ascontiguousarray(x.transpose(0, 3, 1, 2) if pre.layout == "nchw" else x)
 
 
-def load_masks(folder: str | Path, images: ImageFolder, size: tuple[int, int] | None) -> np.ndarray:
-    """uint8 [N, H, W] class-index masks (grey or palette PNG, 255 = ignore) matched to `images` by file stem."""
+def load_masks(folder: str | Path, images: ImageFolder, size: tuple[int, int] | None,
+               num_classes: int | None = None) -> np.ndarray:
+    """uint8 [N, H, W] class-index masks (grey or palette PNG, 255 = ignore) matched to `images` by file stem, or by
+    relative path without suffix when the images were scanned recursively. A mask must have its image's size; both
+    are resized (nearest for masks) to `size` when given. Labels must be < `num_classes` or 255."""
     root = Path(folder)
     if not root.is_dir():
-        raise DisasmError(f"{root}: mask folder does not exist")
-    by_stem = {p.stem: p for p in root.iterdir() if p.suffix.lower() == ".png"}
-    missing = [p.name for p in images.paths if p.stem not in by_stem]
+        raise DisasmError(f"{root}: mask folder does not exist" if not root.exists() else f"{root}: not a folder")
+    found = sorted(p for p in (root.rglob("*") if images.recursive else root.iterdir())
+                   if p.is_file() and p.suffix.lower() == ".png")
+    by_key: dict[str, Path] = {}
+    for p in found:
+        by_key.setdefault(p.relative_to(root).with_suffix("").as_posix() if images.recursive else p.stem, p)
+    missing = [p for p in images.paths if images.key(p) not in by_key]
     if missing:
-        raise DisasmError(f"{root}: no mask for {len(missing)} of {len(images.paths)} images (e.g. {missing[0]}); "
-                          f"masks are matched by file stem")
-    masks = []
-    for p in images.paths:
-        with Image.open(by_stem[p.stem]) as m:
+        how = "relative path without suffix (--recursive)" if images.recursive else "file stem"
+        raise DisasmError(f"{root}: no mask for {len(missing)} of {len(images.paths)} images (e.g. "
+                          f"{images.key(missing[0])}.png for {missing[0].name}); masks are PNGs matched by {how}")
+    masks = [_read_mask(by_key[images.key(p)], p, size, num_classes) for p in images.paths]
+    return np.stack(masks)
+
+
+def _read_mask(path: Path, image: Path, size: tuple[int, int] | None, num_classes: int | None) -> np.ndarray:
+    try:
+        with Image.open(image) as img:
+            image_size = img.size
+        with Image.open(path) as m:
             if m.mode not in ("L", "P"):
-                raise DisasmError(f"{by_stem[p.stem]}: mask must be a grey or palette PNG of class indices, not {m.mode}")
+                raise DisasmError(f"{path}: mask must be a grey or palette PNG of class indices, not mode {m.mode}")
+            if m.size != image_size:
+                raise DisasmError(f"{path}: mask is {m.height}x{m.width} (HxW) but its image {image.name} is "
+                                  f"{image_size[1]}x{image_size[0]}")
             if size is not None and m.size != (size[1], size[0]):
                 m = m.resize((size[1], size[0]), Image.NEAREST)
-            masks.append(np.asarray(m, dtype=np.uint8))
-    return np.stack(masks)
+            mask = np.asarray(m, dtype=np.uint8)
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        raise DisasmError(f"{path}: unreadable mask ({type(e).__name__})") from None
+    if num_classes is not None:
+        bad = np.unique(mask[(mask >= num_classes) & (mask != IGNORE_INDEX)])
+        if bad.size:
+            raise DisasmError(f"{path}: mask holds label(s) {bad[:5].tolist()} but the model has {num_classes} classes "
+                              f"(0..{num_classes - 1}; {IGNORE_INDEX} = ignore)")
+    return mask

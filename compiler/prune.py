@@ -36,9 +36,16 @@ def _input_value(node: gs.Node, index: int) -> np.ndarray | None:
     return np.array(constant_value(node.inputs[index]))
 
 
-def _set_input(node: gs.Node, index: int, value: np.ndarray) -> None:
-    old = node.inputs[index].name if index < len(node.inputs) and node.inputs[index].name else f"{node.name}_input{index}"
-    constant = gs.Constant(f"{old}__pruned_{node.name or id(node)}_{index}", np.ascontiguousarray(value))
+def _label(graph: gs.Graph, node: gs.Node) -> str:
+    """A stable name for naming new constants: the node's own, else its position (never a memory address, so the
+    same inputs give the same pruned bytes)."""
+    return node.name or f"node{graph.nodes.index(node)}"
+
+
+def _set_input(graph: gs.Graph, node: gs.Node, index: int, value: np.ndarray) -> None:
+    label = _label(graph, node)
+    old = node.inputs[index].name if index < len(node.inputs) and node.inputs[index].name else f"{label}_input{index}"
+    constant = gs.Constant(f"{old}__pruned_{label}_{index}", np.ascontiguousarray(value))
     while len(node.inputs) <= index:
         node.inputs.append(gs.Variable.empty())
     node.inputs[index] = constant
@@ -68,7 +75,7 @@ def _apply(graph: gs.Graph, analysis: ChannelAnalysis, keep_sets: dict[int, np.n
         elif edit.kind == "slice_bounds":
             _rewrite_slice(graph, node, edit, keep_sets)
     for (node_index, input_index), value in values.items():
-        _set_input(graph.nodes[node_index], input_index, value)
+        _set_input(graph, graph.nodes[node_index], input_index, value)
 
 
 def _edit_value(value: np.ndarray, edit: Edit, kept: np.ndarray, zero_consumers: bool) -> np.ndarray:
@@ -99,9 +106,9 @@ def _rewrite_split(graph: gs.Graph, node: gs.Node, analysis: ChannelAnalysis, ke
     else:
         value = np.asarray(sizes, dtype=np.int64)
         if len(node.inputs) > 1:
-            node.inputs[1] = gs.Constant(f"{node.name or id(node)}__split", value)
+            node.inputs[1] = gs.Constant(f"{_label(graph, node)}__split", value)
         else:
-            node.inputs.append(gs.Constant(f"{node.name or id(node)}__split", value))
+            node.inputs.append(gs.Constant(f"{_label(graph, node)}__split", value))
 
 
 def _rewrite_slice(graph: gs.Graph, node: gs.Node, edit: Edit, keep_sets: dict[int, np.ndarray]) -> None:
@@ -122,8 +129,8 @@ def _rewrite_slice(graph: gs.Graph, node: gs.Node, edit: Edit, keep_sets: dict[i
         node.attrs["starts"], node.attrs["ends"] = starts, ends
     else:
         dtype = np.int64 if edit.bounds is not None else constant_value(node.inputs[1]).dtype
-        node.inputs[1] = gs.Constant(f"{node.inputs[1].name}__pruned_{node.name or id(node)}", np.asarray(starts, dtype))
-        node.inputs[2] = gs.Constant(f"{node.inputs[2].name}__pruned_{node.name or id(node)}", np.asarray(ends, dtype))
+        node.inputs[1] = gs.Constant(f"{node.inputs[1].name}__pruned_{_label(graph, node)}", np.asarray(starts, dtype))
+        node.inputs[2] = gs.Constant(f"{node.inputs[2].name}__pruned_{_label(graph, node)}", np.asarray(ends, dtype))
 
 
 def _export(graph: gs.Graph, original: onnx.ModelProto, metadata: Mapping[str, str] | None) -> onnx.ModelProto:
@@ -153,19 +160,39 @@ def _set_output_channels(graph: gs.Graph, analysis: ChannelAnalysis, keep_sets: 
             out.shape = shape
 
 
+def _gather_output(graph: gs.Graph, keep: np.ndarray, axis: int) -> None:
+    """Keep only `keep` along `axis` of the first output, by a Gather at the very end. For class heads that cannot be
+    sliced (a Softmax normalising over the classes): the kept classes' values are then exactly the full model's."""
+    out = graph.outputs[0]
+    everything = gs.Variable(f"{out.name}__all_classes", dtype=out.dtype)
+    for producer in list(out.inputs):
+        producer.outputs[producer.outputs.index(out)] = everything
+    indices = gs.Constant(f"{out.name}__kept_classes", np.asarray(keep, dtype=np.int64))
+    graph.nodes.append(gs.Node("Gather", f"{out.name}__keep_classes", {"axis": axis}, [everything, indices], [out]))
+    if out.shape is not None:
+        shape = list(out.shape)
+        shape[axis] = len(keep)
+        out.shape = shape
+
+
 def prune(model: onnx.ModelProto, analysis: ChannelAnalysis, keep_sets: Mapping[int, np.ndarray],
           metadata: Mapping[str, str] | None = None,
-          replacements: Mapping[tuple[int, int], np.ndarray] | None = None) -> onnx.ModelProto:
+          replacements: Mapping[tuple[int, int], np.ndarray] | None = None,
+          output_keep: np.ndarray | None = None, output_axis: int = 1) -> onnx.ModelProto:
     """A new model with only the kept channels of each group. `model` is not modified.
 
     keep_sets: group id -> kept channel indices (groups not listed are kept whole; blocked groups must be whole).
     replacements: (node index, input index) -> new constant for compensated consumer weights/biases, given in the
-    original shape (a conv without bias may get one); the surgery cuts them like the originals. metadata: extra `metadata_props` (e.g. disasm.classes of the kept classes).
+    original shape (a conv without bias may get one); the surgery cuts them like the originals.
+    output_keep: classes to keep by a Gather on the output's `output_axis`, where the class group itself cannot be
+    cut. metadata: extra `metadata_props` (e.g. disasm.classes of the kept classes).
     """
     keep = _checked_keep_sets(analysis, keep_sets)
     graph = gs.import_onnx(model)
     _apply(graph, analysis, keep, zero_consumers=False, replacements=replacements)
     _set_output_channels(graph, analysis, keep)
+    if output_keep is not None:
+        _gather_output(graph, output_keep, output_axis)
     return _export(graph, model, metadata)
 
 

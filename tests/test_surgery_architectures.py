@@ -367,3 +367,20 @@ def test_tensorrt_builds_the_pruned_model(cases, arch, exporter):
     build = tensorrt.build_engine(pruned.SerializeToString(), "sm86",
                                   input_shapes={case.model.graph.input[0].name: case.image.shape})
     assert build.serialized and build.target == "sm86"
+
+
+@pytest.mark.parametrize("exporter", EXPORTERS)
+def test_softmax_head_keeps_chosen_classes_by_a_gather_exactly(cases, exporter):
+    """The class conv under a Softmax cannot be sliced; the chosen classes are gathered after it instead, and the
+    pruned model still equals the masked reference on them."""
+    case = cases("softmax", exporter)
+    analysis = case.analysis
+    assert not analysis.groups[analysis.class_group].prunable
+    rng = np.random.default_rng(0)
+    keep_sets = {g.id: np.sort(rng.choice(g.size, max(1, g.size // 2), replace=False))
+                 for g in analysis.groups if g.prunable}
+    classes = np.array([0, 2, 3])
+    pruned = prune(case.model, analysis, keep_sets, output_keep=classes, output_axis=case.class_axis)
+    onnx.checker.check_model(pruned, full_check=True)
+    expected = np.take(run(masked_reference(case.model, analysis, keep_sets), case.image), classes, axis=case.class_axis)
+    np.testing.assert_allclose(run(pruned, case.image), expected, atol=1e-4, rtol=1e-4)
