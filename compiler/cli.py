@@ -59,6 +59,7 @@ from disasm.runtime.latency import measure_latency, speedup
 from disasm.runtime.onnxrt import OnnxRuntimeRunner
 from disasm.runtime.plots import write_png
 from disasm.runtime.report import print_report, write_report
+from disasm.runtime.tensorrt import build_engine, save_engine, trt_available, trt_module
 
 
 FRAGILE_LOSS = 0.05  # a cut group is fragile when a consumer still loses >5% of its output energy after compensation
@@ -136,6 +137,10 @@ def build_parser() -> argparse.ArgumentParser:
                     "default %(default)s)")
     bench = p.add_argument_group("benchmark")
     bench.add_argument("--runs", type=int, default=30, help="interleaved latency rounds, full vs pruned (default %(default)s)")
+    bench.add_argument("--trt-target", default=None,
+                       help="TensorRT engine target, e.g. sm86 (default: the local GPU; without one, sm86 with "
+                            "TensorRT for RTX). Engines are built when a TensorRT module is installed (the trt extra)")
+    bench.add_argument("--no-engines", action="store_true", help="do not build TensorRT engines")
     bench.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads (default: ONNX Runtime's choice)")
     out = p.add_argument_group("output")
     out.add_argument("--quiet", action="store_true", help="no progress bars and no table")
@@ -281,6 +286,25 @@ def specialise(model: Model, analysis: ChannelAnalysis, attribution: Attribution
     return Specialised(pruned, keep_sets, choices, class_keep, kept_classes, fallbacks, losses)
 
 
+def compile_engines(model: Model, pruned_path: Path, out: Path, target: str | None,
+                    input_shape: tuple[int, ...]) -> dict[str, Any]:
+    """engines/{full,pruned}.{fp32,fp16}.engine with what the builds say: weights, layers, build time. The target is
+    the local GPU, else (TensorRT for RTX, no GPU) SM86 ahead of time."""
+    if target is None and not torch.cuda.is_available():
+        target = "sm86"
+    shapes = {model.input_name: input_shape}
+    builds: dict[str, Any] = {"target": target or "local GPU", "module": trt_module().__name__}
+    for precision in ("fp32", "fp16"):
+        for name, source in (("full", model.path), ("pruned", pruned_path)):
+            build = build_engine(source, target, fp16=precision == "fp16", input_shapes=shapes)
+            save_engine(out / "engines" / f"{name}.{precision}.engine", build.serialized)
+            builds[f"{name}.{precision}"] = {"build_seconds": round(build.build_seconds, 3), "bytes": build.size_bytes,
+                                             "weight_bytes": build.weight_bytes, "layers": build.layer_count}
+    builds["latency"] = "needs a GPU of the engine's architecture; not measured here" \
+        if not torch.cuda.is_available() else "not measured by this version"
+    return builds
+
+
 def run(args: argparse.Namespace, stages: Stages) -> dict[str, Any]:
     model = load_model(args.model, args.labels, model_overrides(args))
     categories = parse_categories(args.categories, model)
@@ -336,6 +360,10 @@ def run(args: argparse.Namespace, stages: Stages) -> dict[str, Any]:
     cost_full, cost_pruned = model_cost(model.proto, input_shape), model_cost(pruned, input_shape)
     full_runner = OnnxRuntimeRunner(model.path, threads=args.threads)
     pruned_runner = OnnxRuntimeRunner(out / "pruned.onnx", threads=args.threads)
+    engines = None
+    if trt_available() and not args.no_engines:
+        with stages.stage("engines"):
+            engines = compile_engines(model, out / "pruned.onnx", out, args.trt_target, input_shape)
     with stages.stage("fidelity", len(eval_inputs)) as progress:
         background = model.class_index(model.background) if model.background else None
         fidelity = evaluate_fidelity(lambda x: full_runner.infer(x)[0], lambda x: pruned_runner.infer(x)[0],
@@ -379,6 +407,7 @@ def run(args: argparse.Namespace, stages: Stages) -> dict[str, Any]:
         "latency": {"backend": full_runner.name, "runs": args.runs, "full": asdict(stats["full"]),
                     "pruned": asdict(stats["pruned"]), "speedup": speedup(stats["full"], stats["pruned"])},
         "fidelity": fidelity,
+        "engines": engines,
         "stage_seconds": stages.seconds,
     }
 

@@ -22,10 +22,17 @@ def write_atomic(path: Path, data: bytes) -> None:
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; artifacts get the usual permissions
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _ratio(new: float, old: float) -> str:
@@ -49,6 +56,13 @@ def summary_rows(report: dict[str, Any]) -> list[tuple[str, str, str, str]]:
     if lat:
         rows.append((f"latency median ({lat['backend']})", f"{lat['full']['median_ms']:.2f} ms",
                      f"{lat['pruned']['median_ms']:.2f} ms", f"{lat['speedup']:.2f}x faster"))
+    engines = report.get("engines")
+    if engines:
+        for precision in ("fp32", "fp16"):
+            full, pruned = engines[f"full.{precision}"]["weight_bytes"], engines[f"pruned.{precision}"]["weight_bytes"]
+            if full and pruned:
+                rows.append((f"TensorRT {precision} weights ({engines['target']})", f"{full / 1e3:.0f} KB",
+                             f"{pruned / 1e3:.0f} KB", _ratio(pruned, full)))
     fid = report.get("fidelity")
     if fid:
         rows.append(("pixel agreement with full model", "", _pct(fid["agreement"]), ""))

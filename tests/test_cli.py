@@ -55,6 +55,10 @@ def test_compile_writes_a_smaller_model_for_the_chosen_classes(compiled, small_d
     assert report["latency"]["full"]["runs"] == 3 and report["latency"]["speedup"] > 0
     assert "## Channel groups" in (compiled / "report.md").read_text()
     assert (compiled / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    if report["engines"] is not None:  # with the trt extra: engines for SM86, built without a GPU
+        for name in ("full.fp32", "pruned.fp32", "full.fp16", "pruned.fp16"):
+            assert (compiled / "engines" / f"{name}.engine").stat().st_size > 0
+        assert report["engines"]["pruned.fp32"]["weight_bytes"] < report["engines"]["full.fp32"]["weight_bytes"]
     entries = list((compiled / "attribution").glob("*.npz"))
     assert len(entries) == 1 and entries[0].with_suffix(".json").exists()
     assert report["attribution"]["consumers_with_moments"] > 0  # lsq, the default, needs them
