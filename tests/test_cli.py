@@ -194,3 +194,21 @@ def test_labels_option_overrides_the_metadata_names(small_data, tmp_path):
 def test_label_count_mismatch_is_a_clear_error(capsys, small_data, tmp_path):
     args = compile_args(small_data, tmp_path / "o", "--labels", "voc")
     assert "21 class names" in error_line(capsys, args)
+
+
+def test_readme_commands_run_as_written(tmp_path, monkeypatch, capsys):
+    """The disasm-compile lines of README.md work verbatim (from a copy of the repository's examples/)."""
+    import shlex
+
+    lines = [line for line in (ROOT / "README.md").read_text().splitlines() if line.startswith("disasm-compile examples/")]
+    assert len(lines) == 3
+    shutil.copytree(ROOT / "examples", tmp_path / "examples", ignore=shutil.ignore_patterns("*.py", "__pycache__"))
+    monkeypatch.chdir(tmp_path)
+    for line in lines:
+        assert main(shlex.split(line)[1:]) == 0, line
+    capsys.readouterr()
+    reports = [json.loads((tmp_path / "disasm-out" / name / "report.json").read_text())
+               for name in ("circle-star", "ring-cross", "ring-cross-l1")]
+    assert [r["attribution"]["cache_hit"] for r in reports] == [False, True, True]
+    assert reports[2]["settings"]["criterion"] == "l1"
+    assert reports[2]["cost"]["macs_ratio"] == pytest.approx(reports[1]["cost"]["macs_ratio"])  # equal budget
