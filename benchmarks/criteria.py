@@ -14,45 +14,26 @@ import argparse
 import json
 from pathlib import Path
 
-import onnxruntime as ort
-
 from disasm.attribution.baselines import CRITERIA
-from disasm.attribution.disassembler import AttributionSettings
 from disasm.attribution.select import SelectionSettings
-from disasm.compiler.channels import analyse
-from disasm.attribution.calibration import calibrate
 from disasm.compiler.cli import specialise
 from disasm.compiler.cost import model_cost
-from disasm.compiler.images import load_images, load_masks, preprocess, scan_images
-from disasm.compiler.load import load_model
 from disasm.runtime.fidelity import evaluate_fidelity
 from disasm.runtime.report import write_atomic
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def session(proto) -> ort.InferenceSession:
-    return ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+from example import DATA, MODEL, ROOT, load_example, session  # benchmarks/example.py, beside this script
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", type=Path, default=ROOT / "examples" / "shapes_seg.onnx")
-    parser.add_argument("--data", type=Path, default=ROOT / "examples" / "data")
+    parser.add_argument("--model", type=Path, default=MODEL)
+    parser.add_argument("--data", type=Path, default=DATA)
     parser.add_argument("--pairs", default="circle,star;ring,cross;square,triangle")
     parser.add_argument("--alpha", type=float, default=SelectionSettings.alpha)
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     args = parser.parse_args()
 
-    model = load_model(args.model)
-    analysis = analyse(model.proto)
-    size = model.image_size
-    calib = preprocess(load_images(scan_images(args.data / "calib").paths, size), model.preprocessing)
-    evaluation = scan_images(args.data / "eval" / "images")
-    eval_inputs = preprocess(load_images(evaluation.paths, size), model.preprocessing)
-    masks = load_masks(args.data / "eval" / "masks", evaluation, size)
-    attribution = calibrate(model, analysis, calib, AttributionSettings(), "cpu", moments=True)
-    full = session(model.proto)
+    ex = load_example(args.model, args.data)
+    model, size = ex.model, ex.model.image_size
     full_macs = model_cost(model.proto, (1, 3, *size)).macs
     background = model.class_index(model.background)
     selection = SelectionSettings(alpha=args.alpha)
@@ -61,11 +42,11 @@ def main() -> None:
     for pair in args.pairs.split(";"):
         for compensation in ("lsq", "none"):
             for criterion in CRITERIA:
-                result = specialise(model, analysis, attribution, pair.split(","), selection, compensation, {}, criterion)
+                result = specialise(model, ex.analysis, ex.attribution, pair.split(","), selection, compensation, {},
+                                    criterion)
                 pruned = session(result.pruned)
-                fidelity = evaluate_fidelity(lambda x: full.run(None, {model.input_name: x})[0],
-                                             lambda x: pruned.run(None, {model.input_name: x})[0],
-                                             eval_inputs, masks, model.classes, result.class_keep, background)
+                fidelity = evaluate_fidelity(ex.run_full, lambda x: pruned.run(None, {model.input_name: x})[0],
+                                             ex.eval_inputs, ex.masks, model.classes, result.class_keep, background)
                 rows.append({"categories": pair, "compensation": compensation, "criterion": criterion,
                              "macs_ratio": model_cost(result.pruned, (1, 3, *size)).macs / full_macs,
                              "agreement": fidelity["agreement"], "miou_full": fidelity["miou_full"],

@@ -11,23 +11,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 from pathlib import Path
 
-import onnxruntime as ort
-
-from disasm.attribution.disassembler import AttributionSettings
 from disasm.attribution.select import SelectionSettings
-from disasm.compiler.channels import analyse
-from disasm.attribution.calibration import calibrate
 from disasm.compiler.cli import specialise
 from disasm.compiler.cost import model_cost
-from disasm.compiler.images import load_images, load_masks, preprocess, scan_images
-from disasm.compiler.load import load_model
 from disasm.runtime.fidelity import evaluate_fidelity
 from disasm.runtime.report import write_atomic
-
-ROOT = Path(__file__).resolve().parents[1]
+from example import DATA, MODEL, ROOT, load_example, session  # benchmarks/example.py, beside this script
 SETTINGS = [  # (label, selection settings, compensation)
     ("prod a=0.05", SelectionSettings(rule="prod", alpha=0.05), "lsq"),
     ("prod a=0.1 (default)", SelectionSettings(), "lsq"),
@@ -40,29 +31,16 @@ SETTINGS = [  # (label, selection settings, compensation)
 ]
 
 
-def session(proto) -> ort.InferenceSession:
-    return ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", type=Path, default=ROOT / "examples" / "shapes_seg.onnx")
-    parser.add_argument("--data", type=Path, default=ROOT / "examples" / "data")
+    parser.add_argument("--model", type=Path, default=MODEL)
+    parser.add_argument("--data", type=Path, default=DATA)
     parser.add_argument("--pairs", default="circle,star;ring,cross;square,triangle")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     args = parser.parse_args()
 
-    model = load_model(args.model)
-    analysis = analyse(model.proto)
-    size = model.image_size
-    calib = preprocess(load_images(scan_images(args.data / "calib").paths, size), model.preprocessing)
-    evaluation = scan_images(args.data / "eval" / "images")
-    eval_inputs = preprocess(load_images(evaluation.paths, size), model.preprocessing)
-    masks = load_masks(args.data / "eval" / "masks", evaluation, size)
-    start = time.perf_counter()
-    attribution = calibrate(model, analysis, calib, AttributionSettings(), "cpu", moments=True)
-    attribution_seconds = time.perf_counter() - start
-    full = session(model.proto)
+    ex = load_example(args.model, args.data)
+    model, size = ex.model, ex.model.image_size
     input_shape = (1, 3, *size)
     full_cost = model_cost(model.proto, input_shape)
     background = model.class_index(model.background)
@@ -71,11 +49,10 @@ def main() -> None:
     for pair in args.pairs.split(";"):
         categories = pair.split(",")
         for label, selection, compensation in SETTINGS:
-            result = specialise(model, analysis, attribution, categories, selection, compensation, {})
+            result = specialise(model, ex.analysis, ex.attribution, categories, selection, compensation, {})
             pruned = session(result.pruned)
-            fidelity = evaluate_fidelity(lambda x: full.run(None, {model.input_name: x})[0],
-                                         lambda x: pruned.run(None, {model.input_name: x})[0],
-                                         eval_inputs, masks, model.classes, result.class_keep, background)
+            fidelity = evaluate_fidelity(ex.run_full, lambda x: pruned.run(None, {model.input_name: x})[0],
+                                         ex.eval_inputs, ex.masks, model.classes, result.class_keep, background)
             cost = model_cost(result.pruned, input_shape)
             rows.append({"categories": pair, "setting": label, "compensation": compensation,
                          "selection": selection.to_dict(), "macs_ratio": cost.macs / full_cost.macs,
@@ -84,11 +61,11 @@ def main() -> None:
             print(f"{pair:18s} {label:28s} MACs {rows[-1]['macs_ratio']:.3f}x  agreement {fidelity['agreement']:.4f}  "
                   f"mIoU {fidelity['miou_full']:.4f} -> {fidelity['miou_pruned']:.4f}", flush=True)
 
-    report = {"model": str(args.model), "sha256": model.sha256, "calibration_images": len(calib),
-              "evaluation_images": len(eval_inputs), "attribution_seconds": attribution_seconds, "rows": rows}
+    report = {"model": str(args.model), "sha256": model.sha256, "calibration_images": len(ex.calibration),
+              "evaluation_images": len(ex.eval_inputs), "attribution_seconds": ex.attribution_seconds, "rows": rows}
     lines = ["# Fidelity vs cost on the shipped example", "",
-             f"{len(calib)} calibration images, {len(eval_inputs)} evaluation images with masks; one attribution run "
-             f"({attribution_seconds:.1f} s on CPU) for all rows. Agreement: pixels where the pruned model's argmax "
+             f"{len(ex.calibration)} calibration images, {len(ex.eval_inputs)} evaluation images with masks; one "
+             f"attribution run ({ex.attribution_seconds:.1f} s on CPU) for all rows. Agreement: pixels where the pruned model's argmax "
              f"equals the full model's argmax over the kept classes. mIoU over the kept classes + background.", "",
              "| categories | setting | MACs | params | agreement | mIoU full | mIoU pruned |",
              "|---|---|---:|---:|---:|---:|---:|"]

@@ -278,15 +278,24 @@ def _trace_head(graph: onnx.GraphProto, output: str, opset: int, rank: int) -> _
     return _Head(None, last_op, softmax_axes)
 
 
+def _flag_or_metadata(flag: str | None, meta: dict[str, str], key: str, allowed: tuple[str, ...], option: str,
+                      path: Path) -> tuple[str, str] | None:
+    """(value, where it came from) when the command line or the metadata decides; a flag wins over metadata."""
+    if flag is not None:
+        return flag, option
+    if key in meta:
+        if meta[key] not in allowed:
+            raise DisasmError(f"{path}: metadata {key}={meta[key]!r}; expected one of {', '.join(allowed)} "
+                              f"(or pass {option})")
+        return meta[key], "metadata"
+    return None
+
+
 def _resolve_layout(flag: str | None, meta: dict[str, str], graph: onnx.GraphProto, image: onnx.ValueInfoProto,
                     dims: tuple[int | None, ...], path: Path) -> tuple[str, str]:
-    if flag is not None:
-        return flag, "--layout"
-    if "disasm.layout" in meta:
-        if meta["disasm.layout"] not in LAYOUTS:
-            raise DisasmError(f"{path}: metadata disasm.layout={meta['disasm.layout']!r}; expected one of "
-                              f"{', '.join(LAYOUTS)} (or pass --layout)")
-        return meta["disasm.layout"], "metadata"
+    decided = _flag_or_metadata(flag, meta, "disasm.layout", LAYOUTS, "--layout", path)
+    if decided:
+        return decided
     from_graph = _layout_from_graph(graph, image.name)
     if from_graph:
         return from_graph[0], f"graph: {from_graph[1]}"
@@ -320,13 +329,9 @@ def _resolve_class_axis(head: _Head, labels: str | None, meta: dict[str, str], o
 
 
 def _resolve_output(flag: str | None, meta: dict[str, str], head: _Head, class_axis: int, path: Path) -> tuple[str, str]:
-    if flag is not None:
-        return flag, "--output"
-    if "disasm.output" in meta:
-        if meta["disasm.output"] not in OUTPUT_KINDS:
-            raise DisasmError(f"{path}: metadata disasm.output={meta['disasm.output']!r}; expected one of "
-                              f"{', '.join(OUTPUT_KINDS)} (or pass --output)")
-        return meta["disasm.output"], "metadata"
+    decided = _flag_or_metadata(flag, meta, "disasm.output", OUTPUT_KINDS, "--output", path)
+    if decided:
+        return decided
     if head.last_op == "Softmax" and head.softmax_axes == {class_axis}:
         return "probs", "graph: Softmax over the classes"
     if head.last_op == "Sigmoid":

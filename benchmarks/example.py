@@ -1,0 +1,55 @@
+"""The shipped example as benchmarks use it: model, channel analysis, calibration and evaluation data, one
+attribution run (with the compensation moments) for all categories, and the full model's ONNX Runtime session."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from disasm.attribution.calibration import calibrate
+from disasm.attribution.disassembler import Attribution, AttributionSettings
+from disasm.compiler.channels import ChannelAnalysis, analyse
+from disasm.compiler.images import load_images, load_masks, preprocess, scan_images
+from disasm.compiler.load import Model, load_model
+
+ROOT = Path(__file__).resolve().parents[1]
+MODEL = ROOT / "examples" / "shapes_seg.onnx"
+DATA = ROOT / "examples" / "data"
+
+
+def session(proto: onnx.ModelProto) -> ort.InferenceSession:
+    return ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+
+
+@dataclass
+class Example:
+    model: Model
+    analysis: ChannelAnalysis
+    calibration: np.ndarray
+    eval_inputs: np.ndarray
+    masks: np.ndarray
+    attribution: Attribution
+    attribution_seconds: float
+    full: ort.InferenceSession
+
+    def run_full(self, x: np.ndarray) -> np.ndarray:
+        return self.full.run(None, {self.model.input_name: x})[0]
+
+
+def load_example(model_path: Path = MODEL, data: Path = DATA) -> Example:
+    model = load_model(model_path)
+    analysis = analyse(model.proto)
+    size = model.image_size
+    calibration = preprocess(load_images(scan_images(data / "calib").paths, size), model.preprocessing)
+    evaluation = scan_images(data / "eval" / "images")
+    eval_inputs = preprocess(load_images(evaluation.paths, size), model.preprocessing)
+    masks = load_masks(data / "eval" / "masks", evaluation, size)
+    start = time.perf_counter()
+    attribution = calibrate(model, analysis, calibration, AttributionSettings(), "cpu", moments=True)
+    return Example(model, analysis, calibration, eval_inputs, masks, attribution, time.perf_counter() - start,
+                   session(model.proto))
