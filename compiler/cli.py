@@ -40,7 +40,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from disasm.attribution import cache as attribution_cache
 from disasm.attribution.baselines import CRITERIA, criterion_scores
-from disasm.attribution.cache import images_digest
+from disasm.attribution.cache import CacheKey, images_digest
 from disasm.attribution.calibration import cache_keys, calibrate
 from disasm.attribution.compensate import METHODS as COMPENSATIONS
 from disasm.attribution.compensate import consumer_losses, lsq_compensation, mean_compensation
@@ -305,6 +305,37 @@ def compile_engines(model: Model, pruned_path: Path, out: Path, target: str | No
     return builds
 
 
+def cached_attribution(model: Model, analysis: ChannelAnalysis, inputs: np.ndarray, settings: AttributionSettings,
+                       device: str, keys: list[CacheKey], cache_dir: Path | None,
+                       stages: Stages) -> tuple[Attribution, bool]:
+    """The attribution of these inputs from the cache when an entry serves (keys, best first), else computed and
+    stored under keys[0]. Returns it and whether it came from the cache."""
+    if cache_dir:
+        for key in keys:
+            found = attribution_cache.load(cache_dir, key)
+            if found is not None:
+                return found, True
+    with stages.stage("attribution", len(inputs)) as progress:
+        attribution = calibrate(model, analysis, inputs, settings, device, progress, moments=bool(keys[0].consumers))
+    if cache_dir:
+        attribution_cache.save(cache_dir, keys[0], attribution)
+    return attribution, False
+
+
+def channels_report(analysis: ChannelAnalysis, result: Specialised) -> dict[str, Any]:
+    """What happened to every channel group: kept, padded, why kept whole, output loss; and the fragile ones."""
+    choices = result.choices
+    per_group = [{"group": c.group, "producers": analysis.groups[c.group].producers, "size": c.size, "kept": c.kept,
+                  "padded": c.padded, "reason": c.reason, "depth": analysis.groups[c.group].depth,
+                  "output_loss": result.output_loss.get(c.group)} for c in choices]
+    fragile = sorted((g for g, loss in result.output_loss.items() if loss > FRAGILE_LOSS),
+                     key=lambda g: -result.output_loss[g])
+    cut = sum(not c.reason for c in choices)
+    return {"groups": len(choices), "cut": cut, "whole": len(choices) - cut, "fragile": fragile,
+            "fragile_threshold": FRAGILE_LOSS, "total": sum(c.size for c in choices),
+            "kept": sum(c.total for c in choices), "per_group": per_group}
+
+
 def run(args: argparse.Namespace, stages: Stages) -> dict[str, Any]:
     model = load_model(args.model, args.labels, model_overrides(args))
     categories = parse_categories(args.categories, model)
@@ -334,23 +365,18 @@ def run(args: argparse.Namespace, stages: Stages) -> dict[str, Any]:
 
     analysis = analyse(model.proto)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    moments = args.compensate == "lsq"
-    keys = cache_keys(model, analysis, calibration_digest(calib.paths, changed_inputs), attribution_settings, moments)
+    keys = cache_keys(model, analysis, calibration_digest(calib.paths, changed_inputs), attribution_settings,
+                      moments=args.compensate == "lsq")
     cache_dir = None if args.no_cache else (args.cache or out.resolve().parent / "attribution-cache")
-    attribution = next(filter(None, (attribution_cache.load(cache_dir, k) for k in keys)), None) if cache_dir else None
-    cache_hit = attribution is not None
-    if attribution is None:
-        with stages.stage("attribution", len(calib_inputs)) as progress:
-            attribution = calibrate(model, analysis, calib_inputs, attribution_settings, device, progress, moments)
-        if cache_dir:
-            attribution_cache.save(cache_dir, keys[0], attribution)
+    attribution, cache_hit = cached_attribution(model, analysis, calib_inputs, attribution_settings, device, keys,
+                                                cache_dir, stages)
     settings = {"attribution": attribution_settings.to_dict(), "selection": selection_settings.to_dict(),
                 "criterion": args.criterion, "compensation": args.compensate, "categories": categories,
                 "input": inputs}
     with stages.stage("surgery"):
         result = specialise(model, analysis, attribution, categories, selection_settings, args.compensate, settings,
                             args.criterion)
-        pruned, class_keep, kept_names, choices = result.pruned, result.class_keep, result.kept_classes, result.choices
+        pruned, class_keep, kept_names = result.pruned, result.class_keep, result.kept_classes
         write_onnx(pruned, out / "pruned.onnx", external_data=bool(model.external_data))
         attribution_cache.save(out / "attribution", keys[-1] if attribution.moments else keys[0], attribution)
 
@@ -374,12 +400,6 @@ def run(args: argparse.Namespace, stages: Stages) -> dict[str, Any]:
         stats = measure_latency({"full": lambda: full_runner.infer(sample), "pruned": lambda: pruned_runner.infer(sample)},
                                 runs=args.runs, progress=progress)
 
-    per_group = [{"group": c.group, "producers": analysis.groups[c.group].producers, "size": c.size, "kept": c.kept,
-                  "padded": c.padded, "reason": c.reason, "depth": analysis.groups[c.group].depth,
-                  "output_loss": result.output_loss.get(c.group)} for c in choices]
-    fragile = sorted((g for g, loss in result.output_loss.items() if loss > FRAGILE_LOSS),
-                     key=lambda g: -result.output_loss[g])
-    cut = [c for c in choices if not c.reason]
     whole_output = class_output_blocker(analysis)
     return {
         "model": {"path": str(args.model), "sha256": model.sha256, "classes": list(model.classes),
@@ -399,9 +419,7 @@ def run(args: argparse.Namespace, stages: Stages) -> dict[str, Any]:
         "attribution": {"cache_hit": cache_hit, "cache": str(cache_dir) if cache_dir else None,
                         "tensors": len(attribution.tensors), "consumers_with_moments": len(attribution.moments)},
         "compensation": {"method": args.compensate, "mean_fallbacks": result.compensation_fallbacks},
-        "channels": {"groups": len(choices), "cut": len(cut), "whole": len(choices) - len(cut), "fragile": fragile,
-                     "fragile_threshold": FRAGILE_LOSS,
-                     "total": sum(c.size for c in choices), "kept": sum(c.total for c in choices), "per_group": per_group},
+        "channels": channels_report(analysis, result),
         "cost": {"full": cost_full.to_dict(), "pruned": cost_pruned.to_dict(),
                  "macs_ratio": cost_pruned.macs / cost_full.macs, "params_ratio": cost_pruned.params / cost_full.params},
         "latency": {"backend": full_runner.name, "runs": args.runs, "full": asdict(stats["full"]),
