@@ -11,16 +11,11 @@ with the full model restricted to the kept classes, and restricted mIoU against 
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 from disasm.attribution.baselines import CRITERIA
 from disasm.attribution.select import SelectionSettings
-from disasm.compiler.cli import specialise
-from disasm.compiler.cost import model_cost
-from disasm.runtime.fidelity import evaluate_fidelity
-from disasm.runtime.report import write_atomic
-from example import DATA, MODEL, ROOT, load_example, session  # benchmarks/example.py, beside this script
+from example import DATA, MODEL, ROOT, load_example, write_results  # benchmarks/example.py, beside this script
 
 
 def main() -> None:
@@ -33,28 +28,17 @@ def main() -> None:
     args = parser.parse_args()
 
     ex = load_example(args.model, args.data)
-    model, size = ex.model, ex.model.image_size
-    full_macs = model_cost(model.proto, (1, 3, *size)).macs
-    background = model.class_index(model.background)
     selection = SelectionSettings(alpha=args.alpha)
-
     rows = []
     for pair in args.pairs.split(";"):
         for compensation in ("lsq", "none"):
             for criterion in CRITERIA:
-                result = specialise(model, ex.analysis, ex.attribution, pair.split(","), selection, compensation, {},
-                                    criterion)
-                pruned = session(result.pruned)
-                fidelity = evaluate_fidelity(ex.run_full, lambda x: pruned.run(None, {model.input_name: x})[0],
-                                             ex.eval_inputs, ex.masks, model.classes, result.class_keep, background)
-                rows.append({"categories": pair, "compensation": compensation, "criterion": criterion,
-                             "macs_ratio": model_cost(result.pruned, (1, 3, *size)).macs / full_macs,
-                             "agreement": fidelity["agreement"], "miou_full": fidelity["miou_full"],
-                             "miou_pruned": fidelity["miou_pruned"]})
-                print(f"{pair:16s} {compensation:5s} {criterion:13s} MACs {rows[-1]['macs_ratio']:.3f}x  "
-                      f"agreement {fidelity['agreement']:.4f}  mIoU {fidelity['miou_pruned']:.4f}", flush=True)
+                row = ex.measure(pair.split(","), selection, compensation, criterion)
+                rows.append({"categories": pair, "compensation": compensation, "criterion": criterion, **row})
+                print(f"{pair:16s} {compensation:5s} {criterion:13s} MACs {row['macs_ratio']:.3f}x  "
+                      f"agreement {row['agreement']:.4f}  mIoU {row['miou_pruned']:.4f}", flush=True)
 
-    report = {"model": str(args.model), "sha256": model.sha256, "alpha": args.alpha, "rows": rows}
+    report = {"model": str(args.model), "sha256": ex.model.sha256, "alpha": args.alpha, "rows": rows}
     lines = ["# Disassembler vs baselines at equal MACs (shipped example)", "",
              f"Per-group channel budget from the Disassembler at alpha={args.alpha}; every criterion keeps that many "
              "channels per group. Agreement with the full model restricted to the kept classes; restricted mIoU "
@@ -63,8 +47,7 @@ def main() -> None:
              "|---|---|---|---:|---:|---:|---:|"]
     lines += [f"| {r['categories']} | {r['compensation']} | {r['criterion']} | {r['macs_ratio']:.3f}x | "
               f"{100 * r['agreement']:.2f}% | {100 * r['miou_pruned']:.2f}% | {100 * r['miou_full']:.2f}% |" for r in rows]
-    write_atomic(args.out / "criteria.json", (json.dumps(report, indent=2) + "\n").encode())
-    write_atomic(args.out / "criteria.md", ("\n".join(lines) + "\n").encode())
+    write_results(args.out, "criteria", report, lines)
 
 
 if __name__ == "__main__":

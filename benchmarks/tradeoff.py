@@ -10,15 +10,10 @@ model restricted to the kept classes, and restricted mIoU of both against the gr
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 from disasm.attribution.select import SelectionSettings
-from disasm.compiler.cli import specialise
-from disasm.compiler.cost import model_cost
-from disasm.runtime.fidelity import evaluate_fidelity
-from disasm.runtime.report import write_atomic
-from example import DATA, MODEL, ROOT, load_example, session  # benchmarks/example.py, beside this script
+from example import DATA, MODEL, ROOT, load_example, write_results  # benchmarks/example.py, beside this script
 SETTINGS = [  # (label, selection settings, compensation)
     ("prod a=0.05", SelectionSettings(rule="prod", alpha=0.05), "lsq"),
     ("prod a=0.1 (default)", SelectionSettings(), "lsq"),
@@ -40,28 +35,16 @@ def main() -> None:
     args = parser.parse_args()
 
     ex = load_example(args.model, args.data)
-    model, size = ex.model, ex.model.image_size
-    input_shape = (1, 3, *size)
-    full_cost = model_cost(model.proto, input_shape)
-    background = model.class_index(model.background)
-
     rows = []
     for pair in args.pairs.split(";"):
-        categories = pair.split(",")
         for label, selection, compensation in SETTINGS:
-            result = specialise(model, ex.analysis, ex.attribution, categories, selection, compensation, {})
-            pruned = session(result.pruned)
-            fidelity = evaluate_fidelity(ex.run_full, lambda x: pruned.run(None, {model.input_name: x})[0],
-                                         ex.eval_inputs, ex.masks, model.classes, result.class_keep, background)
-            cost = model_cost(result.pruned, input_shape)
+            row = ex.measure(pair.split(","), selection, compensation)
             rows.append({"categories": pair, "setting": label, "compensation": compensation,
-                         "selection": selection.to_dict(), "macs_ratio": cost.macs / full_cost.macs,
-                         "params_ratio": cost.params / full_cost.params, "agreement": fidelity["agreement"],
-                         "miou_full": fidelity["miou_full"], "miou_pruned": fidelity["miou_pruned"]})
-            print(f"{pair:18s} {label:28s} MACs {rows[-1]['macs_ratio']:.3f}x  agreement {fidelity['agreement']:.4f}  "
-                  f"mIoU {fidelity['miou_full']:.4f} -> {fidelity['miou_pruned']:.4f}", flush=True)
+                         "selection": selection.to_dict(), **row})
+            print(f"{pair:18s} {label:28s} MACs {row['macs_ratio']:.3f}x  agreement {row['agreement']:.4f}  "
+                  f"mIoU {row['miou_full']:.4f} -> {row['miou_pruned']:.4f}", flush=True)
 
-    report = {"model": str(args.model), "sha256": model.sha256, "calibration_images": len(ex.calibration),
+    report = {"model": str(args.model), "sha256": ex.model.sha256, "calibration_images": len(ex.calibration),
               "evaluation_images": len(ex.eval_inputs), "attribution_seconds": ex.attribution_seconds, "rows": rows}
     lines = ["# Fidelity vs cost on the shipped example", "",
              f"{len(ex.calibration)} calibration images, {len(ex.eval_inputs)} evaluation images with masks; one "
@@ -71,8 +54,7 @@ def main() -> None:
              "|---|---|---:|---:|---:|---:|---:|"]
     lines += [f"| {r['categories']} | {r['setting']} | {r['macs_ratio']:.3f}x | {r['params_ratio']:.3f}x | "
               f"{100 * r['agreement']:.2f}% | {100 * r['miou_full']:.2f}% | {100 * r['miou_pruned']:.2f}% |" for r in rows]
-    write_atomic(args.out / "tradeoff.json", (json.dumps(report, indent=2) + "\n").encode())
-    write_atomic(args.out / "tradeoff.md", ("\n".join(lines) + "\n").encode())
+    write_results(args.out, "tradeoff", report, lines)
 
 
 if __name__ == "__main__":
