@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
+from onnx import numpy_helper
 
 from disasm.attribution.disassembler import Attribution
 from disasm.compiler.channels import ChannelAnalysis
@@ -32,21 +33,20 @@ METHODS = ("none", "mean", "lsq")
 DEFAULT_RIDGE = 1e-2
 
 
-def _initializer_values(model: onnx.ModelProto) -> dict[str, np.ndarray]:
-    from onnx import numpy_helper
-
-    values = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+def _constant_tensors(model: onnx.ModelProto) -> dict[str, onnx.TensorProto]:
+    """Initializers and Constant-node values by name, not yet decoded: only the consumers' weights are ever read."""
+    tensors = {t.name: t for t in model.graph.initializer}
     for node in model.graph.node:
         if node.op_type == "Constant":
             for attr in node.attribute:
                 if attr.name == "value":
-                    values[node.output[0]] = numpy_helper.to_array(attr.t)
-    return values
+                    tensors[node.output[0]] = attr.t
+    return tensors
 
 
 def _cut_consumers(model: onnx.ModelProto, analysis: ChannelAnalysis, keep_sets: dict[int, np.ndarray]):
     """(edit, node, kept input channels, weight, bias) of every conv whose input loses channels."""
-    values = _initializer_values(model)
+    tensors = _constant_tensors(model)
     for edit in analysis.edits:
         if edit.kind != "consume":
             continue
@@ -54,11 +54,12 @@ def _cut_consumers(model: onnx.ModelProto, analysis: ChannelAnalysis, keep_sets:
         if kept.size == edit.channels.size:
             continue
         node = model.graph.node[edit.node]
-        weight = values.get(node.input[1])
-        if weight is None:
+        if node.input[1] not in tensors:
             raise ValueError(f"{node.op_type} {node.name!r}: weight {node.input[1]!r} is not a constant")
+        weight = numpy_helper.to_array(tensors[node.input[1]])
         out_channels = weight.shape[0] if edit.axis == 1 else weight.shape[1]
-        bias = values[node.input[2]] if len(node.input) > 2 and node.input[2] else np.zeros(out_channels, weight.dtype)
+        has_bias = len(node.input) > 2 and node.input[2]
+        bias = numpy_helper.to_array(tensors[node.input[2]]) if has_bias else np.zeros(out_channels, weight.dtype)
         yield edit, node, kept, weight, bias
 
 
