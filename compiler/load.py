@@ -130,12 +130,8 @@ def _external_files(proto: onnx.ModelProto) -> list[str]:
     return files
 
 
-def read_onnx(path: Path) -> onnx.ModelProto:
-    """Parse an ONNX file (external data included) or raise a DisasmError that says what is wrong with it."""
-    return _read(path)[0]
-
-
 def _read(path: Path) -> tuple[onnx.ModelProto, list[str]]:
+    """Parse an ONNX file and its external data files, or raise a DisasmError that says what is wrong with it."""
     if not path.exists():
         raise DisasmError(f"{path}: no such file")
     if not path.is_file():
