@@ -7,8 +7,8 @@ calibration image (shared/algorithm.md section 3):
   3. backward vector       r[c] = sum_{p in M_k} phi(d y_k / d A[c, p]) with y_k = sum_{p in M_k} z_k(p) (the class
                            logit), phi = relu (positive gradients), normalised by its max over channels.
 Both vectors are normalised per image and averaged over the images where k has a non-empty mask, so big masks and
-big images do not dominate. One backward pass per (batch, category present) yields the gradients at every observed
-tensor at once. Results are kept as sums plus counts, so shards and cached runs add up exactly.
+big images do not dominate. One backward pass per chunk of (image, category present) rows yields the gradients at
+every observed tensor at once. Results are kept as sums plus counts, so shards and cached runs add up exactly.
 """
 
 from __future__ import annotations
@@ -123,53 +123,71 @@ def _mask_on_grid(masks: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return F.adaptive_avg_pool2d(masks, size)
 
 
+def _normalised(vectors: torch.Tensor, by: str) -> torch.Tensor:
+    """Per-image vectors [..., C] divided by their sum (forward) or max (backward) over channels."""
+    scale = vectors.sum(-1, keepdim=True) if by == "sum" else vectors.amax(-1, keepdim=True)
+    return vectors / (scale + EPS)
+
+
+def _category_sums(vectors: torch.Tensor, categories: torch.Tensor, k: int) -> torch.Tensor:
+    """[K, C] float64 sums of per-(image, category) rows [N, C] by category: a matrix product with the one-hot
+    category matrix, so the order of the sums, and the result, is the same on every run and device."""
+    return F.one_hot(categories, k).T.double() @ vectors.double()
+
+
 def attribute_batch(graph: TorchGraph, x: torch.Tensor, tensors: list[str], num_classes: int, output_kind: str,
                     settings: AttributionSettings, consumers: list[Consumer] = (), class_axis: int = 1) -> Attribution:
     """Disassembler vectors of one batch (sums over its images), and the input moments of `consumers`.
-    `class_axis` is the output axis that holds the classes (1 for [N, K, H, W], 3 for [N, H, W, K] outputs)."""
+    `class_axis` is the output axis that holds the classes (1 for [N, K, H, W], 3 for [N, H, W, K] outputs).
+
+    The backward work is one row per (image, category present in it), as in the method: a forward without gradients
+    finds the masks (and gives the forward vectors, means and moments); then the images are repeated once per
+    category they contain and one forward + backward over those rows, seeded with each row's own category mask,
+    gives every row's gradients at every observed tensor at once. One backward per category present over the whole
+    batch would back-propagate zeros through every image that lacks the category: with many classes (ADE20K,
+    Cityscapes) most of the work. Rows go in chunks of `settings.batch_size`, which bounds the memory."""
     x = x.detach().requires_grad_(False)
     capture = list(dict.fromkeys([*tensors, *(c.tensor for c in consumers)]))
-    values = graph.run({graph.input_names[0]: x}, capture=capture)
-    output = values[graph.output_names[0]]
-    if output.dim() != 4 or output.shape[class_axis] != num_classes:
-        raise DisasmError(f"model output has shape {list(output.shape)}: expected {num_classes} classes on axis "
-                          f"{class_axis}")
-    output = output.movedim(class_axis, 1)  # [B, K, H, W] from here on; gradients flow through the view
     with torch.no_grad():
-        masks = (_class_probabilities(output, output_kind) > settings.tau).float()       # [B, K, H, W]
-        present = masks.mean(dim=(2, 3)) >= settings.min_mask_fraction                    # [B, K]
+        values = graph.run({graph.input_names[0]: x}, capture=capture)
+        output = values[graph.output_names[0]]
+        if output.dim() != 4 or output.shape[class_axis] != num_classes:
+            raise DisasmError(f"model output has shape {list(output.shape)}: expected {num_classes} classes on "
+                              f"axis {class_axis}")
+        masks = (_class_probabilities(output.movedim(class_axis, 1), output_kind) > settings.tau).float()  # [B,K,H,W]
+        present = masks.mean(dim=(2, 3)) >= settings.min_mask_fraction                                # [B, K]
         masks = masks * present[:, :, None, None]
-    scores = _class_scores(output, output_kind, settings.target)
-    phi = GRADIENT_POLICIES[settings.gradient]
+        activations = {t: values[t].flatten(2) for t in tensors}                                       # [B, C, P]
+        grid_masks = {t: _mask_on_grid(masks, tuple(values[t].shape[-2:])).flatten(2) for t in tensors}  # [B,K,P]
+        mean_sum = {t: a.mean(2).sum(0).double() for t, a in activations.items()}
+        forward_sum = {t: (_normalised(torch.einsum("bkp,bcp->kbc", grid_masks[t], torch.relu(a)), "sum")
+                           * present.T[..., None]).sum(1).double() for t, a in activations.items()}
+        moments = accumulate(values, list(consumers))
     batch, k = present.shape
-    forward_sum, backward_sum, mean_sum, taylor_sum = {}, {}, {}, {}
-    grid_masks = {t: _mask_on_grid(masks, tuple(values[t].shape[-2:])) for t in tensors}
-    for t in tensors:
-        mean_sum[t] = values[t].detach().flatten(2).mean(2).sum(0).cpu().double().numpy()
-        a = torch.relu(values[t].detach()).flatten(2)                                      # [B, C, P]
-        m = grid_masks[t].flatten(2)                                                       # [B, K, P]
-        fwd = torch.einsum("bkp,bcp->bkc", m, a)
-        fwd = fwd / (fwd.sum(dim=2, keepdim=True) + EPS)
-        forward_sum[t] = (fwd * present[:, :, None]).sum(0).cpu().double().numpy()
-        backward_sum[t] = np.zeros_like(forward_sum[t])
-        taylor_sum[t] = np.zeros_like(forward_sum[t])
-    for cls in torch.nonzero(present.any(0)).flatten().tolist():
-        y = (scores[:, cls] * masks[:, cls]).sum()
-        grads = torch.autograd.grad(y, [values[t] for t in tensors], retain_graph=True, allow_unused=True)
-        rows = present[:, cls]
+    backward_sum = {t: torch.zeros_like(v) for t, v in forward_sum.items()}
+    taylor_sum = {t: torch.zeros_like(v) for t, v in forward_sum.items()}
+    phi = GRADIENT_POLICIES[settings.gradient]
+    for rows in torch.nonzero(present).split(settings.batch_size):                        # [n, 2]: image, category
+        image, category = rows[:, 0], rows[:, 1]
+        repeated = graph.run({graph.input_names[0]: x[image]}, capture=tensors)
+        scores = _class_scores(repeated[graph.output_names[0]].movedim(class_axis, 1), output_kind, settings.target)
+        seeds = torch.zeros_like(scores)                       # d(sum of row n's category scores in its mask)/d scores
+        seeds[torch.arange(len(rows)), category] = masks[image, category]
+        grads = torch.autograd.grad([scores], [repeated[t] for t in tensors], [seeds], allow_unused=True)
         for t, g in zip(tensors, grads):
             if g is None:
                 continue  # this tensor does not influence the output (e.g. a dead branch)
-            m = grid_masks[t][:, cls].flatten(1)                                           # [B, P]
-            g = g.detach().flatten(2)
-            bwd = torch.einsum("bp,bcp->bc", m, phi(g))
-            bwd = bwd / (bwd.amax(dim=1, keepdim=True) + EPS)
-            backward_sum[t][cls] += bwd[rows].sum(0).cpu().double().numpy()
-            taylor = torch.einsum("bp,bcp->bc", m, g * values[t].detach().flatten(2)).abs()
-            taylor = taylor / (taylor.amax(dim=1, keepdim=True) + EPS)
-            taylor_sum[t][cls] += taylor[rows].sum(0).cpu().double().numpy()
-    return Attribution(list(tensors), forward_sum, backward_sum, mean_sum, present.sum(0).cpu().numpy().astype(np.int64),
-                       batch, accumulate(values, list(consumers)), taylor_sum)
+            m, g = grid_masks[t][image, category], g.flatten(2)                            # [n, P], [n, C, P]
+            backward = torch.einsum("np,ncp->nc", m, phi(g))
+            taylor = torch.einsum("np,ncp->nc", m, g * repeated[t].detach().flatten(2)).abs()
+            backward_sum[t] += _category_sums(_normalised(backward, "max"), category, k)
+            taylor_sum[t] += _category_sums(_normalised(taylor, "max"), category, k)
+
+    def host(sums: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
+        return {t: v.cpu().numpy() for t, v in sums.items()}  # one transfer per tensor and batch: no GPU stalls
+
+    return Attribution(list(tensors), host(forward_sum), host(backward_sum), host(mean_sum),
+                       present.sum(0).cpu().numpy().astype(np.int64), batch, moments, host(taylor_sum))
 
 
 def attribute(graph: TorchGraph, inputs: np.ndarray, tensors: list[str], num_classes: int, output_kind: str,

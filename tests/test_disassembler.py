@@ -1,0 +1,71 @@
+"""The Disassembler's vectors equal a direct, one image and one category at a time, computation of the formulas in
+attribution/disassembler.py (shared/algorithm.md section 3), whatever the batching of images and gradient rows."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from disasm.attribution.calibration import observed_tensors
+from disasm.attribution.disassembler import AttributionSettings, attribute
+from disasm.attribution.interpreter import TorchGraph
+from disasm.compiler.channels import analyse
+from disasm.compiler.images import load_images, preprocess, scan_images
+from disasm.compiler.load import load_model
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLE = ROOT / "examples" / "shapes_seg.onnx"
+pytestmark = pytest.mark.skipif(not EXAMPLE.exists(), reason="example model not built")
+
+
+def reference(graph: TorchGraph, images: np.ndarray, tensors: list[str], settings: AttributionSettings):
+    """Per tensor [K, C] sums over images of the normalised forward, backward and Taylor vectors, and the per-category
+    image counts: one forward per image, one backward per (image, category) with a big enough mask."""
+    name, out = graph.input_names[0], graph.output_names[0]
+    sums: dict[str, dict[str, np.ndarray]] = {"forward": {}, "backward": {}, "taylor": {}}
+    counts = None
+    for image in images:
+        values = graph.run({name: torch.from_numpy(image[None])}, capture=tensors)
+        logits = values[out][0]
+        masks = (torch.softmax(logits, 0) > settings.tau).float()
+        counts = np.zeros(len(masks), np.int64) if counts is None else counts
+        for k, mask in enumerate(masks):
+            if mask.mean() < settings.min_mask_fraction:
+                continue
+            counts[k] += 1
+            grads = torch.autograd.grad((logits[k] * mask).sum(), [values[t] for t in tensors], retain_graph=True)
+            for t, grad in zip(tensors, grads):
+                a, g = values[t][0].detach(), grad[0]
+                m = F.adaptive_avg_pool2d(mask[None, None], a.shape[-2:])[0, 0]  # area fraction of each cell
+                forward = (m * a.relu()).sum((1, 2))
+                backward = (m * g.relu()).sum((1, 2))
+                taylor = (m * g * a).sum((1, 2)).abs()
+                for kind, v in (("forward", forward / forward.sum()), ("backward", backward / backward.max()),
+                                ("taylor", taylor / taylor.max())):
+                    sums[kind].setdefault(t, np.zeros((len(masks), len(v))))[k] += v.double().numpy()
+    return sums, counts
+
+
+def test_batched_rows_equal_one_image_one_category_at_a_time():
+    model = load_model(EXAMPLE)
+    graph = TorchGraph(model.proto)
+    tensors = observed_tensors(analyse(model.proto))
+    images = preprocess(load_images(scan_images(ROOT / "examples" / "data" / "calib").paths[:5], model.image_size),
+                        model.preprocessing)
+    settings = AttributionSettings(batch_size=3)  # image batches 3 + 2; gradient rows in chunks of 3
+    ours = attribute(graph, images, tensors, len(model.classes), model.output_kind, settings)
+    expected, counts = reference(graph, images, tensors, settings)
+
+    np.testing.assert_array_equal(ours.images_per_class, counts)
+    assert counts.sum() > len(images), "several categories per image, so rows are spread over chunks"
+    for kind, ours_sums in (("forward", ours.forward_sum), ("backward", ours.backward_sum),
+                            ("taylor", ours.taylor_sum)):
+        for t in tensors:
+            present = counts > 0
+            np.testing.assert_allclose(ours_sums[t], expected[kind].get(t, np.zeros_like(ours_sums[t])),
+                                       rtol=1e-4, atol=1e-5, err_msg=f"{kind} {t}")
+            assert np.all(ours_sums[t][~present] == 0)
