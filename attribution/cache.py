@@ -9,15 +9,15 @@ entry without moments also never stands in for a run that needs them.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from disasm.attribution.disassembler import Attribution
+from disasm.compiler.files import write_atomic
 
 FORMAT = 2  # bump when the stored arrays change: older entries are then never read
 
@@ -60,22 +60,14 @@ def _arrays(attribution: Attribution) -> dict[str, np.ndarray]:
 
 def save(folder: Path, key: CacheKey, attribution: Attribution) -> Path:
     """Write one entry atomically (`<digest>.npz` + `<digest>.json`); returns the npz path."""
-    folder.mkdir(parents=True, exist_ok=True)
     digest = key.digest()
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{digest}.", suffix=".npz")
-    os.close(fd)
-    try:
-        np.savez_compressed(tmp, **_arrays(attribution))
-        os.replace(tmp, folder / f"{digest}.npz")
-    finally:
-        Path(tmp).unlink(missing_ok=True)
+    npz = io.BytesIO()
+    np.savez_compressed(npz, **_arrays(attribution))
+    write_atomic(folder / f"{digest}.npz", npz.getvalue())
     meta = {"format": FORMAT, "model_sha256": key.model_sha256, "images_sha256": key.images_sha256,
             "settings": key.settings, "tensors": list(key.tensors), "consumers": list(key.consumers),
             "images": attribution.images}
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{digest}.", suffix=".json")
-    with os.fdopen(fd, "w") as f:
-        json.dump(meta, f, indent=2, sort_keys=True)
-    os.replace(tmp, folder / f"{digest}.json")
+    write_atomic(folder / f"{digest}.json", json.dumps(meta, indent=2, sort_keys=True).encode())
     return folder / f"{digest}.npz"
 
 

@@ -30,7 +30,7 @@ from disasm.attribution.moments import find_consumers
 from disasm.compiler.channels import analyse
 from disasm.compiler.images import load_images, preprocess, scan_images
 from disasm.compiler.load import load_model
-from disasm.runtime.report import write_atomic
+from disasm.compiler.files import write_atomic
 
 ROOT = Path(__file__).resolve().parents[1]
 

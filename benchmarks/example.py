@@ -21,7 +21,7 @@ from disasm.compiler.cost import model_cost
 from disasm.compiler.images import load_images, load_masks, preprocess, scan_images
 from disasm.compiler.load import Model, load_model
 from disasm.runtime.fidelity import evaluate_fidelity
-from disasm.runtime.report import write_atomic
+from disasm.compiler.files import write_atomic
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = ROOT / "examples" / "shapes_seg.onnx"

@@ -252,6 +252,7 @@ class Specialised:
     kept_classes: list[str]
     compensation_fallbacks: list[str]  # consumers that `lsq` could not refit (no moments) and folded by mean
     output_loss: dict[int, float]      # per cut group: worst share of a consumer's output energy lost (moments only)
+    class_conv_blocked: str | None     # why the class conv could not be sliced (classes gathered at the output)
 
 
 def specialise(model: Model, analysis: ChannelAnalysis, attribution: Attribution, categories: list[str],
@@ -279,11 +280,11 @@ def specialise(model: Model, analysis: ChannelAnalysis, attribution: Attribution
     metadata = {"disasm.classes": ",".join(kept_classes), "disasm.background": model.background or "",
                 "disasm.output": model.output_kind, **model.preprocessing.metadata(),
                 "disasm.source_sha256": model.sha256, "disasm.settings": json.dumps(settings, sort_keys=True)}
-    gather = class_output_blocker(analysis) is not None  # the class conv cannot be sliced: select at the output
+    blocked = class_output_blocker(analysis)  # the class conv cannot be sliced: select the classes at the output
     pruned = prune(model.proto, analysis, keep_sets, metadata=metadata, replacements=replacements,
-                   output_keep=class_keep if gather else None, output_axis=model.class_axis)
+                   output_keep=class_keep if blocked else None, output_axis=model.class_axis)
     losses = consumer_losses(model.proto, analysis, keep_sets, attribution, replacements)
-    return Specialised(pruned, keep_sets, choices, class_keep, kept_classes, fallbacks, losses)
+    return Specialised(pruned, keep_sets, choices, class_keep, kept_classes, fallbacks, losses, blocked)
 
 
 def compile_engines(model: Model, pruned_path: Path, out: Path, target: str | None,
@@ -400,7 +401,6 @@ def run(args: argparse.Namespace, stages: Stages) -> dict[str, Any]:
         stats = measure_latency({"full": lambda: full_runner.infer(sample), "pruned": lambda: pruned_runner.infer(sample)},
                                 runs=args.runs, progress=progress)
 
-    whole_output = class_output_blocker(analysis)
     return {
         "model": {"path": str(args.model), "sha256": model.sha256, "classes": list(model.classes),
                   "background": model.background, "labels_source": model.labels_source, "input_shape": list(input_shape),
@@ -408,8 +408,8 @@ def run(args: argparse.Namespace, stages: Stages) -> dict[str, Any]:
                   "input_channels": model.preprocessing.channels, "external_data": list(model.external_data),
                   "sources": model.sources},
         "categories": categories, "kept_classes": kept_names, "out_dir": str(out),
-        "class_output": {"sliced_at": "class conv" if whole_output is None else "output (Gather)",
-                         "class_conv_kept_whole_because": whole_output},
+        "class_output": {"sliced_at": "class conv" if result.class_conv_blocked is None else "output (Gather)",
+                         "class_conv_kept_whole_because": result.class_conv_blocked},
         "images": {"calibration": len(calib.paths), "calibration_skipped": [str(p) for p, _ in calib.skipped],
                    "evaluation": len(evaluation.paths), "evaluation_skipped": [str(p) for p, _ in evaluation.skipped],
                    "skipped": sum(len(f.skipped) for f in folders), "size": inputs["size"], "resize": args.resize,

@@ -11,7 +11,7 @@ import matplotlib
 matplotlib.use("Agg")  # files only; never a window
 import matplotlib.pyplot as plt  # noqa: E402
 
-from disasm.runtime.report import write_atomic  # noqa: E402
+from disasm.compiler.files import write_atomic  # noqa: E402
 
 
 def render_png(report: dict[str, Any]) -> bytes:

@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from disasm.compiler.errors import DisasmError
-from disasm.runtime.report import write_atomic
+from disasm.compiler.files import write_atomic
 
 #: TensorRT modules this backend accepts, in order of preference.
 TRT_MODULES: tuple[str, ...] = ("tensorrt", "tensorrt_rtx")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -61,6 +62,10 @@ def test_compile_writes_a_smaller_model_for_the_chosen_classes(compiled, small_d
         assert report["engines"]["pruned.fp32"]["weight_bytes"] < report["engines"]["full.fp32"]["weight_bytes"]
     entries = list((compiled / "attribution").glob("*.npz"))
     assert len(entries) == 1 and entries[0].with_suffix(".json").exists()
+    umask = os.umask(0)
+    os.umask(umask)
+    for written in (entries[0], compiled / "report.json", compiled / "pruned.onnx"):
+        assert written.stat().st_mode & 0o777 == 0o666 & ~umask, f"{written.name}: not the usual permissions"
     assert report["attribution"]["consumers_with_moments"] > 0  # lsq, the default, needs them
 
     pruned = onnx.load(str(compiled / "pruned.onnx"))
