@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 
 
 @dataclass(frozen=True)
@@ -35,7 +36,7 @@ def _shapes(model: onnx.ModelProto) -> dict[str, tuple[int, ...]]:
     shapes = {}
     for vi in list(model.graph.value_info) + list(model.graph.input) + list(model.graph.output):
         dims = vi.type.tensor_type.shape.dim
-        if all(d.HasField("dim_value") for d in dims):
+        if vi.type.tensor_type.HasField("shape") and all(d.HasField("dim_value") for d in dims):
             shapes[vi.name] = tuple(d.dim_value for d in dims)
     for init in model.graph.initializer:
         shapes[init.name] = tuple(init.dims)
@@ -53,23 +54,45 @@ def count_params(model: onnx.ModelProto) -> int:
     return total
 
 
+def _measured_shapes(model: onnx.ModelProto, input_shape: tuple[int, ...], names: set[str]) -> dict[str, tuple[int, ...]]:
+    """Shapes of `names` from one ONNX Runtime run on zeros at `input_shape`. Static inference gives up where sizes
+    come from run-time arithmetic it cannot follow (a legacy torch.chunk's Split bounds, a Reshape whose target is
+    read from Shape); running the graph gives them exactly."""
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    listed = {o.name for o in probe.graph.output}
+    probe.graph.output.extend(onnx.ValueInfoProto(name=n) for n in sorted(names - listed))
+    session = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
+    image = session.get_inputs()[0]
+    dtype = np.float16 if image.type == "tensor(float16)" else np.float32
+    outputs = session.run(None, {image.name: np.zeros(input_shape, dtype)})
+    return {o.name: tuple(v.shape) for o, v in zip(session.get_outputs(), outputs) if o.name in names}
+
+
+def _layer_shapes(model: onnx.ModelProto, input_shape: tuple[int, ...]) -> dict[str, tuple[int, ...]]:
+    """Shapes of every tensor the MAC count reads: from static inference, else measured."""
+    shapes = _shapes(_with_static_input(model, input_shape))
+    needed = set()
+    for node in model.graph.node:
+        if node.op_type in ("Conv", "ConvTranspose", "Gemm", "MatMul"):
+            needed.update(n for n in (node.input[0], node.input[1], node.output[0]) if n)
+    missing = needed - shapes.keys()
+    return shapes | _measured_shapes(model, input_shape, missing) if missing else shapes
+
+
 def count_macs(model: onnx.ModelProto, input_shape: tuple[int, ...]) -> int:
     """MACs for one forward pass at `input_shape` (batch included; pass batch 1 for per-image cost)."""
-    shapes = _shapes(_with_static_input(model, input_shape))
+    shapes = _layer_shapes(model, input_shape)
     total = 0
     for node in model.graph.node:
         if node.op_type in ("Conv", "ConvTranspose"):
-            weight = shapes.get(node.input[1])
-            ref = shapes.get(node.output[0] if node.op_type == "Conv" else node.input[0])
-            if weight is None or ref is None:
-                raise ValueError(f"cannot count MACs of {node.op_type} {node.name!r}: shapes unknown after inference")
+            weight = shapes[node.input[1]]
+            ref = shapes[node.output[0] if node.op_type == "Conv" else node.input[0]]
             # Conv: every output element takes (C_in/group) * k*k MACs. ConvTranspose: every input element scatters
             # into (C_out/group) * k*k outputs; weight is [C_in, C_out/group, k...].
             total += int(np.prod(ref)) * int(np.prod(weight[1:]))
         elif node.op_type in ("Gemm", "MatMul"):
-            a, out = shapes.get(node.input[0]), shapes.get(node.output[0])
-            if a is None or out is None:
-                raise ValueError(f"cannot count MACs of {node.op_type} {node.name!r}: shapes unknown after inference")
+            a, out = shapes[node.input[0]], shapes[node.output[0]]
             transposed = node.op_type == "Gemm" and any(at.name == "transA" and at.i for at in node.attribute)
             inner = a[0] if transposed else a[-1]
             total += int(np.prod(out)) * inner
