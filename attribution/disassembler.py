@@ -167,12 +167,13 @@ def attribute_batch(graph: TorchGraph, x: torch.Tensor, tensors: list[str], num_
     backward_sum = {t: torch.zeros_like(v) for t, v in forward_sum.items()}
     taylor_sum = {t: torch.zeros_like(v) for t, v in forward_sum.items()}
     phi = GRADIENT_POLICIES[settings.gradient]
-    for rows in torch.nonzero(present).split(settings.batch_size):                        # [n, 2]: image, category
-        image, category = rows[:, 0], rows[:, 1]
+    pairs = torch.nonzero(present)                                                         # [n, 2]: image, category
+    for start in range(0, len(pairs), settings.batch_size):
+        image, category = pairs[start:start + settings.batch_size].T
         repeated = graph.run({graph.input_names[0]: x[image]}, capture=tensors)
         scores = _class_scores(repeated[graph.output_names[0]].movedim(class_axis, 1), output_kind, settings.target)
         seeds = torch.zeros_like(scores)                       # d(sum of row n's category scores in its mask)/d scores
-        seeds[torch.arange(len(rows)), category] = masks[image, category]
+        seeds[torch.arange(len(image)), category] = masks[image, category]
         grads = torch.autograd.grad([scores], [repeated[t] for t in tensors], [seeds], allow_unused=True)
         for t, g in zip(tensors, grads):
             if g is None:

@@ -69,3 +69,16 @@ def test_batched_rows_equal_one_image_one_category_at_a_time():
             np.testing.assert_allclose(ours_sums[t], expected[kind].get(t, np.zeros_like(ours_sums[t])),
                                        rtol=1e-4, atol=1e-5, err_msg=f"{kind} {t}")
             assert np.all(ours_sums[t][~present] == 0)
+
+
+def test_a_batch_without_confident_pixels_adds_nothing():
+    model = load_model(EXAMPLE)
+    graph = TorchGraph(model.proto)
+    tensors = observed_tensors(analyse(model.proto))
+    images = preprocess(load_images(scan_images(ROOT / "examples" / "data" / "calib").paths[:2], model.image_size),
+                        model.preprocessing)
+    settings = AttributionSettings(tau=0.999999)  # no pixel is that confident, so no (image, category) rows
+    result = attribute(graph, images, tensors, len(model.classes), model.output_kind, settings)
+    assert result.images == 2 and result.images_per_class.sum() == 0
+    assert all(not result.backward_sum[t].any() and not result.forward_sum[t].any() for t in tensors)
+    assert all(result.mean_sum[t].any() for t in tensors)  # channel means do not depend on the masks
