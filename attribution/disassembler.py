@@ -39,7 +39,7 @@ class AttributionSettings:
     min_mask_fraction: float = 0.002  # an image counts for a category if its mask covers at least this fraction
     gradient: str = "positive"       # phi: positive (the paper's best), negative, absolute
     target: str = "logit"            # back-propagate the masked class logit sum or the masked probability sum
-    batch_size: int = 8
+    batch_size: int = 8              # images per forward, and (image, category) gradient rows per backward
 
     def __post_init__(self) -> None:
         if not 0.0 < self.tau < 1.0:

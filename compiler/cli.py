@@ -119,7 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     at.add_argument("--tau", type=float, default=AttributionSettings.tau, help="pixel confidence of the category masks (default %(default)s)")
     at.add_argument("--gradient", default=AttributionSettings.gradient, help="gradient policy: positive, negative, absolute (default %(default)s)")
     at.add_argument("--target", default=AttributionSettings.target, help="back-propagated score: logit or prob (default %(default)s)")
-    at.add_argument("--batch-size", type=int, default=AttributionSettings.batch_size, help="images per attribution batch (default %(default)s)")
+    at.add_argument("--batch-size", type=int, default=AttributionSettings.batch_size, help="images per attribution forward and (image, category) rows per backward; bounds memory (default %(default)s)")
     at.add_argument("--device", default=None, help="torch device for attribution (default: cuda if available, else cpu)")
     se = p.add_argument_group("selection")
     se.add_argument("--alpha", type=float, default=SelectionSettings.alpha, help="keep channels whose normalised score exceeds alpha (default %(default)s)")
