@@ -3,6 +3,7 @@ attribution/disassembler.py (shared/algorithm.md section 3), whatever the batchi
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +16,7 @@ from disasm.attribution.disassembler import AttributionSettings, attribute
 from disasm.attribution.interpreter import TorchGraph
 from disasm.compiler.channels import analyse
 from disasm.compiler.images import load_images, preprocess, scan_images
-from disasm.compiler.load import load_model
+from disasm.compiler.load import Model, load_model
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "shapes_seg.onnx"
@@ -50,35 +51,44 @@ def reference(graph: TorchGraph, images: np.ndarray, tensors: list[str], setting
     return sums, counts
 
 
-def test_batched_rows_equal_one_image_one_category_at_a_time():
+@dataclass
+class Example:
+    model: Model
+    graph: TorchGraph
+    tensors: list[str]
+    images: np.ndarray  # five preprocessed calibration images
+
+    def attribute(self, images: np.ndarray, settings: AttributionSettings):
+        return attribute(self.graph, images, self.tensors, len(self.model.classes), self.model.output_kind, settings)
+
+
+@pytest.fixture(scope="module")
+def example() -> Example:
     model = load_model(EXAMPLE)
-    graph = TorchGraph(model.proto)
-    tensors = observed_tensors(analyse(model.proto))
     images = preprocess(load_images(scan_images(ROOT / "examples" / "data" / "calib").paths[:5], model.image_size),
                         model.preprocessing)
+    return Example(model, TorchGraph(model.proto), observed_tensors(analyse(model.proto)), images)
+
+
+def test_batched_rows_equal_one_image_one_category_at_a_time(example):
     settings = AttributionSettings(batch_size=3)  # image batches 3 + 2; gradient rows in chunks of 3
-    ours = attribute(graph, images, tensors, len(model.classes), model.output_kind, settings)
-    expected, counts = reference(graph, images, tensors, settings)
+    ours = example.attribute(example.images, settings)
+    expected, counts = reference(example.graph, example.images, example.tensors, settings)
 
     np.testing.assert_array_equal(ours.images_per_class, counts)
-    assert counts.sum() > len(images), "several categories per image, so rows are spread over chunks"
+    assert counts.sum() > len(example.images), "several categories per image, so rows are spread over chunks"
     for kind, ours_sums in (("forward", ours.forward_sum), ("backward", ours.backward_sum),
                             ("taylor", ours.taylor_sum)):
-        for t in tensors:
+        for t in example.tensors:
             present = counts > 0
             np.testing.assert_allclose(ours_sums[t], expected[kind].get(t, np.zeros_like(ours_sums[t])),
                                        rtol=1e-4, atol=1e-5, err_msg=f"{kind} {t}")
             assert np.all(ours_sums[t][~present] == 0)
 
 
-def test_a_batch_without_confident_pixels_adds_nothing():
-    model = load_model(EXAMPLE)
-    graph = TorchGraph(model.proto)
-    tensors = observed_tensors(analyse(model.proto))
-    images = preprocess(load_images(scan_images(ROOT / "examples" / "data" / "calib").paths[:2], model.image_size),
-                        model.preprocessing)
+def test_a_batch_without_confident_pixels_adds_nothing(example):
     settings = AttributionSettings(tau=0.999999)  # no pixel is that confident, so no (image, category) rows
-    result = attribute(graph, images, tensors, len(model.classes), model.output_kind, settings)
+    result = example.attribute(example.images[:2], settings)
     assert result.images == 2 and result.images_per_class.sum() == 0
-    assert all(not result.backward_sum[t].any() and not result.forward_sum[t].any() for t in tensors)
-    assert all(result.mean_sum[t].any() for t in tensors)  # channel means do not depend on the masks
+    assert all(not result.backward_sum[t].any() and not result.forward_sum[t].any() for t in example.tensors)
+    assert all(result.mean_sum[t].any() for t in example.tensors)  # channel means do not depend on the masks
