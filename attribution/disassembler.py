@@ -173,7 +173,7 @@ def attribute_batch(graph: TorchGraph, x: torch.Tensor, tensors: list[str], num_
         repeated = graph.run({graph.input_names[0]: x[image]}, capture=tensors)
         scores = _class_scores(repeated[graph.output_names[0]].movedim(class_axis, 1), output_kind, settings.target)
         seeds = torch.zeros_like(scores)                       # d(sum of row n's category scores in its mask)/d scores
-        seeds[torch.arange(len(image)), category] = masks[image, category]
+        seeds[torch.arange(len(image), device=x.device), category] = masks[image, category]
         grads = torch.autograd.grad([scores], [repeated[t] for t in tensors], [seeds], allow_unused=True)
         for t, g in zip(tensors, grads):
             if g is None:

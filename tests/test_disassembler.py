@@ -92,3 +92,17 @@ def test_a_batch_without_confident_pixels_adds_nothing(example):
     assert result.images == 2 and result.images_per_class.sum() == 0
     assert all(not result.backward_sum[t].any() and not result.forward_sum[t].any() for t in example.tensors)
     assert all(result.mean_sum[t].any() for t in example.tensors)  # channel means do not depend on the masks
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_attribution_equals_cpu(example, monkeypatch):
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # TF32 convs would differ from CPU by ~1e-3
+    settings = AttributionSettings(batch_size=3)
+    cpu = example.attribute(example.images, settings)
+    gpu = attribute(TorchGraph(example.model.proto, device="cuda"), example.images, example.tensors,
+                    len(example.model.classes), example.model.output_kind, settings)
+    np.testing.assert_array_equal(gpu.images_per_class, cpu.images_per_class)
+    for t in example.tensors:
+        for ours, theirs in ((gpu.forward_sum, cpu.forward_sum), (gpu.backward_sum, cpu.backward_sum),
+                             (gpu.taylor_sum, cpu.taylor_sum), (gpu.mean_sum, cpu.mean_sum)):
+            np.testing.assert_allclose(ours[t], theirs[t], rtol=1e-4, atol=1e-5, err_msg=t)
