@@ -28,9 +28,9 @@ from disasm.attribution.disassembler import AttributionSettings, attribute_batch
 from disasm.attribution.interpreter import TorchGraph
 from disasm.attribution.moments import find_consumers
 from disasm.compiler.channels import analyse
+from disasm.compiler.files import write_atomic
 from disasm.compiler.images import load_images, preprocess, scan_images
 from disasm.compiler.load import load_model
-from disasm.compiler.files import write_atomic
 
 ROOT = Path(__file__).resolve().parents[1]
 

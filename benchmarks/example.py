@@ -18,10 +18,10 @@ from disasm.attribution.select import SelectionSettings
 from disasm.compiler.channels import ChannelAnalysis, analyse
 from disasm.compiler.cli import specialise
 from disasm.compiler.cost import model_cost
+from disasm.compiler.files import write_atomic
 from disasm.compiler.images import load_images, load_masks, preprocess, scan_images
 from disasm.compiler.load import Model, load_model
 from disasm.runtime.fidelity import evaluate_fidelity
-from disasm.compiler.files import write_atomic
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = ROOT / "examples" / "shapes_seg.onnx"

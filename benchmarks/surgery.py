@@ -27,8 +27,8 @@ import torch
 
 from disasm.compiler.channels import ChannelAnalysis, analyse
 from disasm.compiler.cost import model_cost
-from disasm.compiler.prune import prune
 from disasm.compiler.files import write_atomic
+from disasm.compiler.prune import prune
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))

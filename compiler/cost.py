@@ -62,9 +62,10 @@ def _measured_shapes(model: onnx.ModelProto, input_shape: tuple[int, ...], names
     probe.CopyFrom(model)
     listed = {o.name for o in probe.graph.output}
     probe.graph.output.extend(onnx.ValueInfoProto(name=n) for n in sorted(names - listed))
+    initializers = {i.name for i in probe.graph.initializer}
+    image = next(i for i in probe.graph.input if i.name not in initializers)
+    dtype = onnx.helper.tensor_dtype_to_np_dtype(image.type.tensor_type.elem_type)
     session = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
-    image = session.get_inputs()[0]
-    dtype = np.float16 if image.type == "tensor(float16)" else np.float32
     outputs = session.run(None, {image.name: np.zeros(input_shape, dtype)})
     return {o.name: tuple(v.shape) for o, v in zip(session.get_outputs(), outputs) if o.name in names}
 
