@@ -18,12 +18,16 @@ class Cost:
         return {"macs": self.macs, "params": self.params}
 
 
+def _image_input(graph: onnx.GraphProto) -> onnx.ValueInfoProto:
+    """The graph's image input (before IR version 4, initializers were listed as inputs too)."""
+    initializers = {i.name for i in graph.initializer}
+    return next(i for i in graph.input if i.name not in initializers)
+
+
 def _with_static_input(model: onnx.ModelProto, input_shape: tuple[int, ...]) -> onnx.ModelProto:
     fixed = onnx.ModelProto()
     fixed.CopyFrom(model)
-    initializers = {i.name for i in fixed.graph.initializer}
-    image = next(i for i in fixed.graph.input if i.name not in initializers)
-    dims = image.type.tensor_type.shape.dim
+    dims = _image_input(fixed.graph).type.tensor_type.shape.dim
     for d, size in zip(dims, input_shape):
         d.Clear()
         d.dim_value = size
@@ -62,8 +66,7 @@ def _measured_shapes(model: onnx.ModelProto, input_shape: tuple[int, ...], names
     probe.CopyFrom(model)
     listed = {o.name for o in probe.graph.output}
     probe.graph.output.extend(onnx.ValueInfoProto(name=n) for n in sorted(names - listed))
-    initializers = {i.name for i in probe.graph.initializer}
-    image = next(i for i in probe.graph.input if i.name not in initializers)
+    image = _image_input(probe.graph)
     dtype = onnx.helper.tensor_dtype_to_np_dtype(image.type.tensor_type.elem_type)
     session = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
     outputs = session.run(None, {image.name: np.zeros(input_shape, dtype)})
