@@ -84,23 +84,31 @@ def _layer_shapes(model: onnx.ModelProto, input_shape: tuple[int, ...]) -> dict[
     return shapes | _measured_shapes(model, input_shape, missing) if missing else shapes
 
 
-def count_macs(model: onnx.ModelProto, input_shape: tuple[int, ...]) -> int:
-    """MACs for one forward pass at `input_shape` (batch included; pass batch 1 for per-image cost)."""
+def conv_macs(model: onnx.ModelProto, input_shape: tuple[int, ...]) -> dict[str, int]:
+    """MACs per Conv, ConvTranspose, Gemm and MatMul node (by node name, else its first output's name) for one forward
+    pass at `input_shape` (batch included; pass batch 1 for per-image cost)."""
     shapes = _layer_shapes(model, input_shape)
-    total = 0
+    macs: dict[str, int] = {}
     for node in model.graph.node:
         if node.op_type in ("Conv", "ConvTranspose"):
             weight = shapes[node.input[1]]
             ref = shapes[node.output[0] if node.op_type == "Conv" else node.input[0]]
             # Conv: every output element takes (C_in/group) * k*k MACs. ConvTranspose: every input element scatters
             # into (C_out/group) * k*k outputs; weight is [C_in, C_out/group, k...].
-            total += int(np.prod(ref)) * int(np.prod(weight[1:]))
+            count = int(np.prod(ref)) * int(np.prod(weight[1:]))
         elif node.op_type in ("Gemm", "MatMul"):
             a, out = shapes[node.input[0]], shapes[node.output[0]]
             transposed = node.op_type == "Gemm" and any(at.name == "transA" and at.i for at in node.attribute)
-            inner = a[0] if transposed else a[-1]
-            total += int(np.prod(out)) * inner
-    return total
+            count = int(np.prod(out)) * (a[0] if transposed else a[-1])
+        else:
+            continue
+        macs[node.name or node.output[0]] = count
+    return macs
+
+
+def count_macs(model: onnx.ModelProto, input_shape: tuple[int, ...]) -> int:
+    """MACs for one forward pass at `input_shape` (batch included; pass batch 1 for per-image cost)."""
+    return sum(conv_macs(model, input_shape).values())
 
 
 def model_cost(model: onnx.ModelProto, input_shape: tuple[int, ...]) -> Cost:

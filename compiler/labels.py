@@ -107,6 +107,15 @@ def resolve_labels(spec: str | None, metadata: dict[str, str], num_classes: int)
     return labels
 
 
+def given_label_count(spec: str | None, metadata: dict[str, str]) -> int | None:
+    """How many class names `spec` or the metadata give (None when neither names any), before any count check."""
+    if spec is not None:
+        return len(_labels_from_spec(spec).names)
+    if "disasm.classes" in metadata:
+        return len(_split_names(metadata["disasm.classes"], "model metadata disasm.classes"))
+    return None
+
+
 def match_categories(requested: str, labels: LabelSet) -> list[int]:
     """Output-channel indices (ascending) of the comma-separated category names in `requested`.
 
@@ -140,9 +149,13 @@ def _first_spellings(parts: list[str]) -> list[str]:
 
 def _labels_from_spec(spec: str) -> LabelSet:
     path = Path(spec)
-    if spec.strip() and path.is_file():
+    try:
+        is_file, is_dir = path.is_file(), path.is_dir()
+    except OSError:  # e.g. a long comma list is no valid file name
+        is_file = is_dir = False
+    if spec.strip() and is_file:
         return _with_leading_background(_read_label_file(path), f"file {spec}")
-    if spec.strip() and path.is_dir():
+    if spec.strip() and is_dir:
         raise DisasmError(f"labels {spec!r}: is a folder; give a text file with one class name per line")
     builtin_name = normalize(spec).replace(" ", "-")  # 'COCO_VOC' names coco-voc
     if builtin_name in BUILTIN_LABEL_SETS:

@@ -24,11 +24,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import onnx
+import onnx_graphsurgeon as gs
+from onnx_graphsurgeon.logger import G_LOGGER
 from google.protobuf.message import DecodeError
 from onnx import external_data_helper
 
 from disasm.compiler.errors import DisasmError
-from disasm.compiler.labels import resolve_labels
+from disasm.compiler.labels import given_label_count, resolve_labels
 
 IMAGENET_MEAN = (123.675, 116.28, 103.53)
 IMAGENET_STD = (58.395, 57.12, 57.375)
@@ -73,6 +75,7 @@ class Overrides:
     mean: tuple[float, ...] | None = None
     std: tuple[float, ...] | None = None
     color: str | None = None
+    head: str | None = None  # the output holding the class scores, for models with several
 
 
 @dataclass(frozen=True)
@@ -94,6 +97,10 @@ class Model:
     class_axis: int = 1                  # axis of the output that holds the classes (1: [N,K,H,W], 3: [N,H,W,K])
     external_data: tuple[str, ...] = ()  # external data files, relative to the model's folder
     sources: dict[str, str] = field(default_factory=dict)  # setting -> where its value came from
+    removed_heads: tuple[str, ...] = ()  # other outputs of the file, removed with the layers only they use
+    activation: str | None = None        # output of the final Softmax/Sigmoid over the classes, if the graph has one:
+    #                                      attribution reads the logits before it (saturated probabilities have no
+    #                                      usable gradient)
 
     @property
     def image_size(self) -> tuple[int, int] | None:
@@ -157,6 +164,28 @@ def _read(path: Path) -> tuple[onnx.ModelProto, list[str]]:
         first = str(e).strip().splitlines()[0]
         raise DisasmError(f"{path}: invalid ONNX model: {first}") from None
     return proto, files
+
+
+def fold_constants(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """The graph with every value computable without the image folded into a constant (onnx-graphsurgeon's folding,
+    which evaluates such subgraphs with ONNX Runtime): weights behind Identity/Cast/DequantizeLinear chains, and pads,
+    sizes and shapes computed from static shapes, become initializers, so every later stage sees plain constants.
+    Initializers an old exporter also lists as graph inputs become plain initializers, which ONNX Runtime can fold
+    too. Subgraphs that fail to evaluate are left as they are."""
+    severity = G_LOGGER.severity
+    G_LOGGER.severity = G_LOGGER.ERROR
+    try:
+        graph = gs.import_onnx(proto)
+        graph.fold_constants(error_ok=True).cleanup().toposort()
+        folded = gs.export_onnx(graph, do_type_check=False)
+    finally:
+        G_LOGGER.severity = severity
+    folded.ir_version = max(proto.ir_version, 4)  # initializers need not be graph inputs from IR 4 on
+    del folded.opset_import[:]
+    folded.opset_import.extend(proto.opset_import)
+    folded.producer_name, folded.producer_version = proto.producer_name, proto.producer_version
+    onnx.helper.set_model_props(folded, {p.key: p.value for p in proto.metadata_props})
+    return folded
 
 
 def write_onnx(proto: onnx.ModelProto, path: Path, external_data: bool = False) -> None:
@@ -242,18 +271,21 @@ class _Head:
     class_axis: int | None  # found by tracing back to the class conv, else None
     last_op: str | None     # the op deciding the output kind (past Transposes and resizes), None for a bare input
     softmax_axes: frozenset[int] = frozenset()  # output axes a Softmax there normalises over
+    class_channels: int | None = None  # output channels of the class conv, from its weight
+    last_output: str | None = None     # the output tensor of the op deciding the output kind
 
 
 def _trace_head(graph: onnx.GraphProto, output: str, opset: int, rank: int) -> _Head:
     """Walk back from the output: the op that decides its kind, and the class conv's axis 1 in output coordinates."""
     producers = _producers(graph)
-    constants = {i.name for i in graph.initializer} | {o for n in graph.node if n.op_type == "Constant" for o in n.output}
+    weights = {i.name: tuple(i.dims) for i in graph.initializer}
+    constants = set(weights) | {o for n in graph.node if n.op_type == "Constant" for o in n.output}
     perm = list(range(rank))  # output axis i is axis perm[i] of the tensor being looked at
-    last_op, softmax_axes = None, frozenset()
+    last_op, last_output, softmax_axes = None, None, frozenset()
     tensor = output
     while (node := producers.get(tensor)) is not None:
         if last_op is None and node.op_type not in _NOT_SCORING:
-            last_op = node.op_type
+            last_op, last_output = node.op_type, tensor
             if node.op_type == "Softmax":
                 if opset < 13:  # the input is coerced to 2-D: normalised over every axis from `axis` on
                     axes = range(_attr(node, "axis", 1) % rank, rank)
@@ -261,7 +293,10 @@ def _trace_head(graph: onnx.GraphProto, output: str, opset: int, rank: int) -> _
                     axes = [_attr(node, "axis", -1) % rank]
                 softmax_axes = frozenset(perm.index(a) for a in axes)
         if node.op_type in ("Conv", "ConvTranspose"):
-            return _Head(perm.index(1), last_op, softmax_axes)
+            weight = weights.get(node.input[1])
+            group = _attr(node, "group", 1)
+            channels = None if not weight else weight[0] if node.op_type == "Conv" else weight[1] * group
+            return _Head(perm.index(1), last_op, softmax_axes, channels, last_output)
         if node.op_type == "Transpose":
             order = list(_attr(node, "perm", list(range(rank))[::-1]))
             perm = [order[i] for i in perm]
@@ -271,7 +306,7 @@ def _trace_head(graph: onnx.GraphProto, output: str, opset: int, rank: int) -> _
         if not data:
             break
         tensor = data[0]
-    return _Head(None, last_op, softmax_axes)
+    return _Head(None, last_op, softmax_axes, None, last_output)
 
 
 def _flag_or_metadata(flag: str | None, meta: dict[str, str], key: str, allowed: tuple[str, ...], option: str,
@@ -376,26 +411,62 @@ def _shape_text(dims: tuple[int | None, ...]) -> str:
     return "[" + ",".join("?" if d is None else str(d) for d in dims) + "]"
 
 
+def _choose_head(proto: onnx.ModelProto, head: str | None, classes: int | None, path: Path) -> str:
+    """The output that holds the class scores: --head, else the only output, else the only rank-4 output with as many
+    channels (axis 1 or 3) as there are class names."""
+    outputs = [o for o in proto.graph.output]
+    listing = ", ".join(f"{o.name} {_shape_text(_dims(o))}" for o in outputs)
+    if head is not None:
+        if head not in [o.name for o in outputs]:
+            raise DisasmError(f"{path}: --head {head!r} is not an output of the model; its outputs: {listing}")
+        return head
+    if len(outputs) == 1:
+        return outputs[0].name
+    fitting = [o.name for o in outputs if len(_dims(o)) == 4 and classes in (_dims(o)[1], _dims(o)[3])]
+    if classes is not None and len(fitting) == 1:
+        return fitting[0]
+    raise DisasmError(f"{path}: the model has {len(outputs)} outputs ({listing}); name the one that holds the class "
+                      f"scores with --head NAME" + ("" if classes else " (and its class names with --labels)"))
+
+
+def _keep_only(proto: onnx.ModelProto, head: str) -> onnx.ModelProto:
+    """The model with one output, without the layers only the other outputs used."""
+    graph = gs.import_onnx(proto)
+    graph.outputs = [t for t in graph.outputs if t.name == head]
+    graph.cleanup().toposort()
+    kept = gs.export_onnx(graph, do_type_check=False)
+    kept.ir_version = proto.ir_version
+    del kept.opset_import[:]
+    kept.opset_import.extend(proto.opset_import)
+    onnx.helper.set_model_props(kept, {p.key: p.value for p in proto.metadata_props})
+    return onnx.shape_inference.infer_shapes(kept)
+
+
 def load_model(path: str | Path, labels: str | None = None, overrides: Overrides | None = None) -> Model:
     """Read `path`, check it is an image segmentation network, and resolve labels, layout, class axis, output kind and
     preprocessing (flag > metadata > graph > default; see the module docstring). `labels` (a built-in set, a label
-    file or a comma list; see compiler.labels) overrides the metadata names."""
+    file or a comma list; see compiler.labels) overrides the metadata names. A model with several outputs is reduced
+    to the one with the class scores (`overrides.head`, or the one whose channel count matches the labels)."""
     path = Path(path)
     overrides = overrides or Overrides()
     proto, external = _read(path)
-    proto = onnx.shape_inference.infer_shapes(proto)
+    proto = onnx.shape_inference.infer_shapes(fold_constants(proto))
     initializers = {i.name for i in proto.graph.initializer}
     inputs = [i for i in proto.graph.input if i.name not in initializers]
-    if len(inputs) != 1 or len(proto.graph.output) != 1:
-        raise DisasmError(f"{path}: expected one image input and one output, found {len(inputs)} inputs and "
-                          f"{len(proto.graph.output)} outputs; not a single-head segmentation network")
+    if len(inputs) != 1:
+        raise DisasmError(f"{path}: expected one image input, found {len(inputs)} "
+                          f"({', '.join(i.name for i in inputs)}); not an image segmentation network")
+    meta = {p.key: p.value for p in proto.metadata_props}
+    head_name = _choose_head(proto, overrides.head, given_label_count(labels, meta), path)
+    removed = tuple(o.name for o in proto.graph.output if o.name != head_name)
+    if removed:
+        proto = _keep_only(proto, head_name)
     image, output = inputs[0], proto.graph.output[0]
     in_dims, out_dims = _dims(image), _dims(output)
     if len(in_dims) != 4 or len(out_dims) != 4:
         raise DisasmError(f"{path}: input {image.name!r} has rank {len(in_dims)} and output {output.name!r} rank "
                           f"{len(out_dims)}; a segmentation network maps [N,C,H,W] (or [N,H,W,C]) images to "
                           f"[N,K,H,W] (or [N,H,W,K]) class maps")
-    meta = {p.key: p.value for p in proto.metadata_props}
     layout, layout_source = _resolve_layout(overrides.layout, meta, proto.graph, image, in_dims, path)
     channels = in_dims[1] if layout == "nchw" else in_dims[3]
     if channels not in IMAGE_CHANNELS:
@@ -409,15 +480,27 @@ def load_model(path: str | Path, labels: str | None = None, overrides: Overrides
     head = _trace_head(proto.graph, output.name, opset, 4)
     class_axis, axis_source = _resolve_class_axis(head, labels, meta, out_dims, layout)
     num_classes = out_dims[class_axis]
-    if num_classes is None or num_classes < 2:
-        raise DisasmError(f"{path}: output {output.name!r} has shape {_shape_text(out_dims)}; expected a static class "
-                          f"axis (axis {class_axis}) with >= 2 classes")
-    label_set = resolve_labels(labels, meta, num_classes)
+    if num_classes is None and head.class_channels and given_label_count(labels, meta) == head.class_channels:
+        num_classes = head.class_channels  # a dynamic output shape: the class conv's weight confirms the labels
     output_kind, output_source = _resolve_output(overrides.output, meta, head, class_axis, path)
+    if num_classes is None or num_classes < 1 or (num_classes == 1 and output_kind != "sigmoid"):
+        raise DisasmError(f"{path}: output {output.name!r} has shape {_shape_text(out_dims)}; expected a static class "
+                          f"axis (axis {class_axis}) with >= 2 classes, or one sigmoid channel (--output sigmoid)"
+                          + ("; with a dynamic class axis, give the class names with --labels" if num_classes is None
+                             else ""))
+    label_set = resolve_labels(labels, meta, num_classes)
     preprocessing, sources = _resolve_preprocessing(overrides, meta, layout, channels, path)
     onnx.helper.set_model_props(proto, meta | {"disasm.layout": layout})  # what the channel analysis reads
     sources = {"layout": layout_source, "class_axis": axis_source, "output": output_source, **sources}
     return Model(path=path, proto=proto, sha256=_content_sha256(path, external), classes=label_set.names,
                  background=label_set.background, labels_source=label_set.source, preprocessing=preprocessing,
                  output_kind=output_kind, input_name=image.name, output_name=output.name, input_shape=in_dims,
-                 class_axis=class_axis, external_data=tuple(external), sources=sources)
+                 class_axis=class_axis, external_data=tuple(external), sources=sources, removed_heads=removed,
+                 activation=_activation(head, output_kind))
+
+
+def _activation(head: _Head, output_kind: str) -> str | None:
+    """The tensor a final Softmax/Sigmoid writes, when that op is what makes the output probabilities."""
+    if (output_kind, head.last_op) in (("probs", "Softmax"), ("sigmoid", "Sigmoid")):
+        return head.last_output
+    return None
