@@ -1,18 +1,28 @@
-"""Segmentation fidelity metrics (numpy only): confusion matrices, IoU/mIoU, category restriction, agreement.
+"""Segmentation fidelity metrics (numpy only): what a pruned model answers, confusion matrices, IoU/mIoU, agreement.
+
+What a pruned model answers: "one of the chosen categories, or none". `pruned_output` is the one place that lays out the
+pruned model's output channels (the chosen categories in the model's order plus the none channel: the model's
+background class where it has one, else `other` appended last; sigmoid models keep just the chosen channels).
+`full_answer` reads the full model the same way: its argmax over ALL classes with every non-chosen class mapped to
+none (`chosen_or_none_argmax`), or, for the paper's protocol (`mode="restricted"`), its argmax over the kept channels
+only (`restricted_argmax`). Sigmoid models answer per category with a binary mask p > 0.5 (`sigmoid_masks`).
+
+Category fidelity (`CategoryOverlap`) is the mean over the chosen categories of IoU(pruned answer, full answer), with
+intersections and unions summed over the whole image set; a category in neither answer on any image is left out.
 
 mIoU follows the mmsegmentation convention: one confusion matrix for the whole dataset (per-image matrices add),
 ground-truth pixels labelled `ignore_index` (255) are skipped, and classes absent from both ground truth and prediction
-get IoU NaN and are left out of the mean. A class that appears only in the prediction scores 0.
-
-For a category subset, `restrict_labels` maps the ground truth into the kept classes' index space (other classes count
-as background) and `restricted_argmax` scores the full model on the same output channels as the pruned one.
+get IoU NaN and are left out of the mean. A class that appears only in the prediction scores 0. `answer_labels` maps
+ground truth into the pruned output's index space the same way as the full model's answer (non-chosen classes count as
+none; under `restricted`, `restrict_labels`).
 
 Typical use over a dataset, holding one image at a time::
 
-    cm = np.zeros((len(kept), len(kept)), dtype=np.int64)
+    out = pruned_output(classes, chosen, background, "logits")
+    cm = np.zeros((len(out.names), len(out.names)), dtype=np.int64)
     for logits, mask in dataset:
-        cm += confusion_matrix(restricted_argmax(logits, kept), restrict_labels(mask, kept, background), len(kept))
-    result = iou_from_confusion(cm, class_names)
+        cm += confusion_matrix(full_answer(logits, out), answer_labels(mask, out), len(out.names))
+    result = iou_from_confusion(cm, out.names)
 """
 
 from __future__ import annotations
@@ -176,6 +186,236 @@ def restricted_argmax(logits: np.ndarray, kept: Sequence[int], class_axis: int =
     return np.take(logits, kept, axis=class_axis).argmax(axis=class_axis).astype(np.int64, copy=False)
 
 
+# ---- what a pruned model answers -------------------------------------------------------------------------------------
+
+CHOSEN_OR_NONE = "chosen-or-none"
+RESTRICTED = "restricted"
+MODES = (CHOSEN_OR_NONE, RESTRICTED)
+OUTPUT_KINDS = ("logits", "probs", "sigmoid")
+SIGMOID_THRESHOLD = 0.5
+NONE_NAMES = ("other", "none", "other (none)")  # the appended none channel takes the first name the model does not use
+
+
+@dataclass(frozen=True)
+class PrunedOutput:
+    """The pruned model's output channels and how the full model's classes map onto them.
+
+    names: channel names in output order. source_ids: the full model's class id behind each channel (None for an
+    appended `other`). none_index: the channel that answers "none" (None for sigmoid models and for `restricted`
+    without a background class). chosen: the chosen categories' class ids in the model's order (never the none class);
+    chosen_positions: their channels. lookup: full class id -> output channel under chosen-or-none (non-chosen -> none);
+    None where there is no none channel.
+    """
+
+    names: tuple[str, ...]
+    source_ids: tuple[int | None, ...]
+    none_index: int | None
+    chosen: tuple[int, ...]
+    chosen_positions: tuple[int, ...]
+    num_classes: int
+    output_kind: str
+    mode: str
+
+    @property
+    def none_name(self) -> str | None:
+        return None if self.none_index is None else self.names[self.none_index]
+
+    @property
+    def chosen_names(self) -> tuple[str, ...]:
+        return tuple(self.names[p] for p in self.chosen_positions)
+
+    @property
+    def sigmoid(self) -> bool:
+        return self.output_kind == "sigmoid"
+
+    @property
+    def lookup(self) -> np.ndarray | None:
+        if self.none_index is None:
+            return None
+        table = np.full(self.num_classes, self.none_index, dtype=np.int64)
+        table[list(self.chosen)] = self.chosen_positions
+        return table
+
+
+def pruned_output(classes: Sequence[str], chosen: Sequence[int | str], background: int | str | None,
+                  output_kind: str = "logits", mode: str = CHOSEN_OR_NONE) -> PrunedOutput:
+    """Lay out the pruned model's output channels; the single source of that layout (compiler, fidelity, reports).
+
+    Args:
+        classes: The full model's class names, in output-channel order.
+        chosen: The chosen categories, as class ids or names. The background class, if listed, is not a category:
+            it is the none channel (except for sigmoid models, where every listed class is a category).
+        background: The model's background class (id or name), or None when it has none.
+        output_kind: "logits", "probs" (softmax) or "sigmoid" (independent per-class probabilities).
+        mode: "chosen-or-none" (default): chosen categories in the model's order plus the none channel, the background
+            class at its original relative position or, without one, `other` appended last. "restricted" (the
+            paper's protocol): the chosen categories plus the background class only, no `other`. Sigmoid models keep
+            just the chosen channels in either mode.
+    """
+    classes = tuple(classes)
+    if not classes:
+        raise ValueError("the model has no class names")
+    if output_kind not in OUTPUT_KINDS:
+        raise ValueError(f"output kind {output_kind!r} unknown; choose one of {', '.join(OUTPUT_KINDS)}")
+    if mode not in MODES:
+        raise ValueError(f"mode {mode!r} unknown; choose one of {', '.join(MODES)}")
+    background_id = None if background is None else _class_id(background, classes, "background")
+    ids = _validated_kept([_class_id(c, classes, "chosen") for c in _sequence(chosen, "chosen")], "chosen")
+    if output_kind == "sigmoid":
+        kept = sorted(ids)
+        return PrunedOutput(tuple(classes[i] for i in kept), tuple(kept), None, tuple(kept), tuple(range(len(kept))),
+                            len(classes), output_kind, mode)
+    categories = sorted(i for i in ids if i != background_id)
+    if not categories:
+        raise ValueError(f"choose at least one category besides the background class {classes[background_id]!r}")
+    if background_id is not None:
+        kept = sorted([*categories, background_id])
+        source_ids: list[int | None] = list(kept)
+        none_index: int | None = kept.index(background_id)
+    elif mode == RESTRICTED:
+        source_ids, none_index = list(categories), None
+    else:
+        source_ids, none_index = [*categories, None], len(categories)
+    other = next((n for n in NONE_NAMES if n not in classes), None)
+    if other is None and None in source_ids:
+        raise ValueError(f"every name for the appended none channel ({', '.join(NONE_NAMES)}) is a class of the model")
+    names = tuple(other if i is None else classes[i] for i in source_ids)
+    positions = tuple(source_ids.index(i) for i in categories)
+    return PrunedOutput(names, tuple(source_ids), none_index, tuple(categories), positions, len(classes), output_kind,
+                        mode)
+
+
+def pruned_classes(classes: Sequence[str], chosen: Sequence[int | str], background: int | str | None,
+                   output_kind: str = "logits", mode: str = CHOSEN_OR_NONE) -> tuple[list[str], int | None]:
+    """The pruned model's output class names and the index of its none channel (None if it has none); see
+    `pruned_output` for the layout rules."""
+    out = pruned_output(classes, chosen, background, output_kind, mode)
+    return list(out.names), out.none_index
+
+
+def chosen_or_none_argmax(scores: np.ndarray, output: PrunedOutput, class_axis: int = 1) -> np.ndarray:
+    """The full model's chosen-or-none answer: argmax over ALL its classes, each chosen class mapped to its channel in
+    the pruned output and every other class to the none channel. int64, class axis removed."""
+    scores = _scores(scores, class_axis, output.num_classes, "full model")
+    if output.lookup is None:
+        raise ValueError("this output has no none channel (sigmoid or restricted without background); "
+                         "use sigmoid_masks or restricted_argmax")
+    return output.lookup[scores.argmax(axis=class_axis)]
+
+
+def sigmoid_masks(probs: np.ndarray, channels: Sequence[int], class_axis: int = 1,
+                  threshold: float = SIGMOID_THRESHOLD) -> np.ndarray:
+    """Per-category answers of a sigmoid (multi-label) model: bool masks probs > threshold for the given channels,
+    stacked on the class axis in that order."""
+    probs = _scores(probs, class_axis, None, "sigmoid output")
+    channels = _validated_kept(channels, "channels")
+    return np.take(probs, channels, axis=class_axis) > threshold
+
+
+def full_answer(scores: np.ndarray, output: PrunedOutput, class_axis: int = 1) -> np.ndarray:
+    """The full model's answer in the pruned output's terms: label map of output channels (softmax models; under
+    `restricted` the argmax over the kept channels only) or bool masks of the chosen categories (sigmoid)."""
+    if output.sigmoid:
+        _scores(scores, class_axis, output.num_classes, "full model")
+        return sigmoid_masks(scores, output.chosen, class_axis)
+    if output.mode == RESTRICTED:
+        _scores(scores, class_axis, output.num_classes, "full model")
+        return restricted_argmax(scores, [i for i in output.source_ids if i is not None], class_axis)
+    return chosen_or_none_argmax(scores, output, class_axis)
+
+
+def pruned_answer(scores: np.ndarray, output: PrunedOutput, class_axis: int = 1) -> np.ndarray:
+    """The pruned model's answer: argmax over its channels, or bool masks p > 0.5 per channel for sigmoid models."""
+    scores = _scores(scores, class_axis, len(output.names), "pruned model")
+    if output.sigmoid:
+        return sigmoid_masks(scores, output.chosen_positions, class_axis)
+    return scores.argmax(axis=class_axis).astype(np.int64, copy=False)
+
+
+def category_masks(answer: np.ndarray, output: PrunedOutput, class_axis: int = 1) -> list[np.ndarray]:
+    """One bool mask per chosen category (output order) from an answer of `full_answer` or `pruned_answer`."""
+    if output.sigmoid:
+        return [np.take(answer, k, axis=class_axis) for k in range(len(output.chosen))]
+    return [answer == position for position in output.chosen_positions]
+
+
+def answer_labels(target: np.ndarray, output: PrunedOutput, ignore_index: int = 255) -> np.ndarray:
+    """Ground truth (full model's class ids) in the pruned output's index space, read like the models' answers:
+    chosen categories to their channels, every other class to none (`restricted` without background: not scored),
+    `ignore_index` kept. Not for sigmoid models (their ground truth is scored per category)."""
+    if output.sigmoid:
+        raise ValueError("sigmoid models are scored per category against ground truth, not by a label map")
+    if output.mode == RESTRICTED or output.lookup is None:
+        background = None if output.none_index is None else output.source_ids[output.none_index]
+        return restrict_labels(target, [i for i in output.source_ids if i is not None], background, ignore_index)
+    target = _label_map(target, "target")
+    if 0 <= ignore_index < len(output.names):
+        raise ValueError(f"ignore_index {ignore_index} collides with an output channel; use one >= {len(output.names)}")
+    scored = target != ignore_index
+    bad = _values_outside(target[scored], output.num_classes)
+    if bad:
+        raise ValueError(f"target contains label(s) {bad} that are neither classes 0..{output.num_classes - 1} "
+                         f"nor ignore_index={ignore_index}")
+    out = np.full(target.shape, ignore_index, dtype=_dtype_holding(target.dtype, [ignore_index, len(output.names) - 1]))
+    out[scored] = output.lookup[target[scored]]
+    return out
+
+
+@dataclass(frozen=True)
+class CategoryOverlap:
+    """Per-category pixel counts of two answers (a, b), summed over images (`+`); IoU = intersection / union.
+
+    Start from `CategoryOverlap.zeros(k)`; add `CategoryOverlap.of_masks(masks_a, masks_b)` image by image.
+    """
+
+    intersection: np.ndarray
+    union: np.ndarray
+    a_pixels: np.ndarray
+    b_pixels: np.ndarray
+
+    @classmethod
+    def zeros(cls, categories: int) -> CategoryOverlap:
+        z = np.zeros(categories, dtype=np.int64)
+        return cls(z, z.copy(), z.copy(), z.copy())
+
+    @classmethod
+    def of_masks(cls, masks_a: Sequence[np.ndarray], masks_b: Sequence[np.ndarray],
+                 valid: np.ndarray | None = None) -> CategoryOverlap:
+        """Counts from one bool mask per category for each answer; pixels outside `valid` (if given) are skipped."""
+        if len(masks_a) != len(masks_b):
+            raise ValueError(f"got {len(masks_a)} and {len(masks_b)} category masks")
+        counts = np.zeros((4, len(masks_a)), dtype=np.int64)
+        for k, (a, b) in enumerate(zip(masks_a, masks_b)):
+            a, b = np.asarray(a, dtype=bool), np.asarray(b, dtype=bool)
+            if a.shape != b.shape:
+                raise ValueError(f"category masks must have the same shape, got {list(a.shape)} and {list(b.shape)}")
+            if valid is not None:
+                a, b = a & valid, b & valid
+            counts[:, k] = (np.count_nonzero(a & b), np.count_nonzero(a | b), np.count_nonzero(a), np.count_nonzero(b))
+        return cls(*counts)
+
+    def __add__(self, other: CategoryOverlap) -> CategoryOverlap:
+        if not isinstance(other, CategoryOverlap):
+            return NotImplemented
+        if len(self.union) != len(other.union):
+            raise ValueError(f"cannot add overlaps of {len(self.union)} and {len(other.union)} categories")
+        return CategoryOverlap(self.intersection + other.intersection, self.union + other.union,
+                               self.a_pixels + other.a_pixels, self.b_pixels + other.b_pixels)
+
+    @property
+    def iou(self) -> np.ndarray:
+        """IoU per category; NaN where neither answer has the category anywhere."""
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return np.where(self.union > 0, self.intersection / np.maximum(self.union, 1), np.nan)
+
+    @property
+    def mean_iou(self) -> float:
+        """Mean IoU over the categories present in either answer; NaN when none is."""
+        iou = self.iou
+        scored = iou[~np.isnan(iou)]
+        return float(scored.mean()) if scored.size else math.nan
+
+
 @dataclass(frozen=True)
 class AgreementResult:
     """How often two label maps agree: `matching` of `pixels` pixels, `agreement` = matching / pixels (NaN if none).
@@ -242,6 +482,36 @@ def _validated_kept(kept: Sequence[int], what: str) -> list[int]:
     if duplicates:
         raise ValueError(f"{what} lists class id(s) {duplicates} more than once: {ids}")
     return ids
+
+
+def _sequence(values: Sequence, what: str) -> list:
+    if isinstance(values, (str, bytes)) or not isinstance(values, (Sequence, np.ndarray)):
+        raise ValueError(f"{what} must be a sequence of class ids or names, got {type(values).__name__}")
+    return list(values)
+
+
+def _class_id(value: int | str, classes: tuple[str, ...], what: str) -> int:
+    if isinstance(value, str):
+        if value not in classes:
+            raise ValueError(f"{what} class {value!r} is not a class of the model: {', '.join(classes)}")
+        return classes.index(value)
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise ValueError(f"{what} must hold class ids or names, got {value!r}")
+    if not 0 <= value < len(classes):
+        raise ValueError(f"{what} class id {int(value)} is outside the model's classes 0..{len(classes) - 1}")
+    return int(value)
+
+
+def _scores(scores: np.ndarray, class_axis: int, channels: int | None, what: str) -> np.ndarray:
+    scores = np.asarray(scores)
+    if scores.ndim == 0:
+        raise ValueError(f"{what} scores must have a class axis; got a scalar")
+    if not -scores.ndim <= class_axis < scores.ndim:
+        raise ValueError(f"class_axis {class_axis} is out of range for {what} scores of shape {list(scores.shape)}")
+    if channels is not None and scores.shape[class_axis] != channels:
+        raise ValueError(f"{what} scores have {scores.shape[class_axis]} channels on axis {class_axis} "
+                         f"(shape {list(scores.shape)}); expected {channels}")
+    return scores
 
 
 def _dtype_holding(dtype: np.dtype, values: list[int]) -> np.dtype:

@@ -1,4 +1,5 @@
-"""Fidelity metrics: confusion matrix, mIoU (mmsegmentation convention), category restriction, agreement."""
+"""Fidelity metrics: what a pruned model answers, category fidelity, confusion matrix, mIoU (mmsegmentation
+convention), category restriction, agreement."""
 
 import json
 import math
@@ -6,15 +7,24 @@ import math
 import numpy as np
 import pytest
 
+from disasm.runtime.fidelity import evaluate_fidelity
 from disasm.runtime.metrics import (
     AgreementResult,
+    CategoryOverlap,
     IoUResult,
+    answer_labels,
+    chosen_or_none_argmax,
     confusion_matrix,
+    full_answer,
     iou_from_confusion,
     label_agreement,
     pixel_agreement,
+    pruned_answer,
+    pruned_classes,
+    pruned_output,
     restrict_labels,
     restricted_argmax,
+    sigmoid_masks,
 )
 
 # ---- confusion matrix and mIoU, against hand-computed examples -------------------------------------------------------
@@ -268,3 +278,249 @@ def test_agreement_results_accumulate_over_images():
 def test_pixel_agreement_rejects_bad_inputs(a, b, message):
     with pytest.raises(ValueError, match=message):
         pixel_agreement(a, b)
+
+
+# ---- what a pruned model answers: output layout and the full model's chosen-or-none answer ---------------------------
+
+CLASSES = ["background", "person", "bus", "car", "dog"]
+
+
+@pytest.mark.parametrize(
+    "classes, chosen, background, kind, mode, names, none_index",
+    [
+        (CLASSES, [3, 1], 0, "logits", "chosen-or-none", ["background", "person", "car"], 0),
+        (CLASSES, ["car", "person"], "background", "probs", "chosen-or-none", ["background", "person", "car"], 0),
+        (["person", "bus", "bg", "car"], [3, 0], 2, "logits", "chosen-or-none", ["person", "bg", "car"], 1),
+        (["road", "car", "sky"], [2, 0], None, "logits", "chosen-or-none", ["road", "sky", "other"], 2),
+        (["road", "other", "sky"], [2], None, "logits", "chosen-or-none", ["sky", "none"], 1),
+        (CLASSES, [0, 3, 1], 0, "logits", "chosen-or-none", ["background", "person", "car"], 0),
+        (["road", "car", "sky"], [2, 0], None, "sigmoid", "chosen-or-none", ["road", "sky"], None),
+        (CLASSES, [3, 1], 0, "logits", "restricted", ["background", "person", "car"], 0),
+        (["road", "car", "sky"], [2, 0], None, "logits", "restricted", ["road", "sky"], None),
+    ],
+    ids=["background-first", "by-name", "background-in-the-middle", "no-background-other-last", "other-taken",
+         "background-listed-as-chosen", "sigmoid-chosen-only", "restricted", "restricted-no-background"],
+)
+def test_pruned_classes_lays_out_chosen_in_model_order_plus_none(classes, chosen, background, kind, mode, names,
+                                                                 none_index):
+    assert pruned_classes(classes, chosen, background, kind, mode) == (names, none_index)
+
+
+@pytest.mark.parametrize(
+    "chosen, background, kind, mode, message",
+    [
+        ([0], 0, "logits", "chosen-or-none", "at least one category besides the background"),
+        (["cat"], 0, "logits", "chosen-or-none", "'cat' is not a class of the model"),
+        ([9], 0, "logits", "chosen-or-none", "class id 9 is outside"),
+        ([1, 1], 0, "logits", "chosen-or-none", "more than once"),
+        ([1], 0, "softmax", "chosen-or-none", "output kind 'softmax' unknown"),
+        ([1], 0, "logits", "paper", "mode 'paper' unknown"),
+    ],
+)
+def test_pruned_output_rejects_bad_choices(chosen, background, kind, mode, message):
+    with pytest.raises(ValueError, match=message):
+        pruned_output(CLASSES, chosen, background, kind, mode)
+
+
+def test_full_answer_maps_non_chosen_winner_to_none_not_to_the_nearest_kept_class():
+    # one pixel per column; winners: bus (not chosen), car, person, dog (not chosen), background
+    logits = np.zeros((1, 5, 1, 5))
+    for col, winner in enumerate([2, 3, 1, 4, 0]):
+        logits[0, winner, 0, col] = 5.0
+    logits[0, 3, 0, 0] = 4.0  # car is the runner-up on the bus pixel: restricted reads it as car
+    out = pruned_output(CLASSES, [1, 3], 0)  # output: background, person, car
+    np.testing.assert_array_equal(chosen_or_none_argmax(logits, out), [[[0, 2, 1, 0, 0]]])
+    np.testing.assert_array_equal(full_answer(logits, out), [[[0, 2, 1, 0, 0]]])
+    restricted = pruned_output(CLASSES, [1, 3], 0, mode="restricted")
+    np.testing.assert_array_equal(full_answer(logits, restricted), [[[2, 2, 1, 0, 0]]])
+
+
+def test_without_background_other_is_last_and_takes_every_non_chosen_class():
+    classes = ["road", "car", "sky", "tree"]
+    out = pruned_output(classes, ["sky", "road"], None)
+    assert out.names == ("road", "sky", "other") and out.none_index == 2 and out.chosen_positions == (0, 1)
+    logits = np.eye(4)[[0, 1, 2, 3]].T[None, :, None, :]  # [1, 4, 1, 4]: pixel j won by class j
+    np.testing.assert_array_equal(chosen_or_none_argmax(logits, out), [[[0, 2, 1, 2]]])
+    # channels last gives the same answer
+    np.testing.assert_array_equal(chosen_or_none_argmax(np.moveaxis(logits, 1, -1), out, class_axis=-1),
+                                  [[[0, 2, 1, 2]]])
+    # ground truth is read the same way; 255 stays ignored
+    np.testing.assert_array_equal(answer_labels(np.array([[0, 1, 2, 3, 255]], np.uint8), out), [[0, 2, 1, 2, 255]])
+
+
+def test_chosen_or_none_argmax_rejects_scores_of_the_wrong_model():
+    out = pruned_output(CLASSES, [1], 0)
+    with pytest.raises(ValueError, match=r"full model scores have 3 channels on axis 1 .* expected 5"):
+        chosen_or_none_argmax(np.zeros((1, 3, 2, 2)), out)
+
+
+def test_sigmoid_answers_are_thresholded_per_category():
+    probs = np.array([[0.9, 0.2], [0.6, 0.7], [0.1, 0.51]])[None, :, :, None]  # [1, 3 classes, 2 px, 1]
+    out = pruned_output(["road", "car", "sky"], ["sky", "road"], None, "sigmoid")
+    masks = full_answer(probs, out)
+    assert masks.dtype == bool and masks.shape == (1, 2, 2, 1)
+    np.testing.assert_array_equal(masks[0, :, :, 0], [[True, False], [False, True]])  # road, sky
+    np.testing.assert_array_equal(sigmoid_masks(probs, [1])[0, 0, :, 0], [True, True])  # car: both > 0.5
+    # the pruned model holds just road and sky
+    np.testing.assert_array_equal(pruned_answer(probs[:, [0, 2]], out), masks)
+
+
+def test_category_overlap_accumulates_at_dataset_level():
+    # image 1: category 0 predicted right on 1 px; image 2: 1 of 3 px. Per-image mean would be (1 + 1/3) / 2.
+    a1, b1 = [np.array([True, False])], [np.array([True, False])]
+    a2, b2 = [np.array([True, True, True])], [np.array([True, False, False])]
+    total = CategoryOverlap.zeros(1) + CategoryOverlap.of_masks(a1, b1) + CategoryOverlap.of_masks(a2, b2)
+    assert (total.intersection[0], total.union[0]) == (2, 4)
+    assert total.mean_iou == pytest.approx(0.5)
+
+
+def test_category_overlap_leaves_absent_categories_out():
+    overlap = CategoryOverlap.of_masks([np.zeros(3, bool), np.array([1, 0, 0], bool)],
+                                       [np.zeros(3, bool), np.array([1, 1, 0], bool)])
+    assert math.isnan(overlap.iou[0]) and overlap.mean_iou == pytest.approx(0.5)
+    assert math.isnan(CategoryOverlap.of_masks([np.zeros(2, bool)], [np.zeros(2, bool)]).mean_iou)
+
+
+# ---- evaluate_fidelity on tiny fake models -------------------------------------------------------------------------
+
+
+def _onehot(labels: np.ndarray, channels: int, scale: float = 4.0) -> np.ndarray:
+    """[N, H, W] label maps -> [N, C, H, W] scores whose argmax is the label."""
+    return np.moveaxis(np.eye(channels)[labels], -1, 1) * scale
+
+
+def _fake_models(full_labels: np.ndarray, classes: list[str], chosen: list[int], background: int | None,
+                 pruned_labels: np.ndarray | None = None):
+    """Full model returning one-hot scores of `full_labels[i]`; pruned returns its own labels (in output space),
+    defaulting to a perfect copy of the full model's chosen-or-none answer."""
+    out = pruned_output(classes, chosen, background)
+    inputs = np.arange(len(full_labels), dtype=np.float32).reshape(-1, 1)
+    if pruned_labels is None:
+        pruned_labels = out.lookup[full_labels]
+
+    def full(x):
+        return _onehot(full_labels[int(x[0, 0]):int(x[0, 0]) + 1], len(classes))
+
+    def pruned(x):
+        return _onehot(pruned_labels[int(x[0, 0]):int(x[0, 0]) + 1], len(out.names))
+
+    return full, pruned, inputs, out
+
+
+def test_perfect_copy_scores_fidelity_one_and_matches_ground_truth_reading():
+    rng = np.random.default_rng(5)
+    labels = rng.integers(0, 5, (3, 6, 7))
+    full, pruned, inputs, _ = _fake_models(labels, CLASSES, [1, 3], 0)
+    result = evaluate_fidelity(full, pruned, inputs, labels, CLASSES, [1, 3], 0, "logits", "chosen-or-none")
+    assert result["category_fidelity"] == 1.0 and result["per_category"] == {"person": 1.0, "car": 1.0}
+    assert result["agreement"] == 1.0 and result["note"] is None
+    assert result["output_classes"] == ["background", "person", "car"] and result["none"] == "background"
+    # the full model predicts the ground truth exactly, so under the same reading both score mIoU 1
+    assert result["miou_full"] == 1.0 and result["miou_pruned"] == 1.0
+    assert set(result["per_class"]) == {"background", "person", "car"}
+    json.dumps(result, allow_nan=False)
+
+
+def test_all_none_model_scores_zero_category_fidelity_though_agreement_is_high():
+    labels = np.zeros((4, 10, 10), np.int64)
+    labels[:, :2, :2] = 1  # person on 4% of each image, background elsewhere
+    labels[0, 5, 5] = 3  # one car pixel
+    full, pruned, inputs, _ = _fake_models(labels, CLASSES, [1, 3], 0, pruned_labels=np.zeros_like(labels))
+    result = evaluate_fidelity(full, pruned, inputs, None, CLASSES, [1, 3], 0, "logits", "chosen-or-none")
+    assert result["category_fidelity"] == 0.0
+    assert result["per_category"] == {"person": 0.0, "car": 0.0}
+    assert result["agreement"] > 0.95  # why pixel agreement is not a fidelity measure
+    assert result["category_pixels"]["person"] == {"full": 16, "pruned": 0, "intersection": 0, "union": 16}
+
+
+def test_fidelity_falls_as_the_chosen_categories_are_lost():
+    rng = np.random.default_rng(6)
+    labels = rng.integers(0, 5, (4, 8, 8))
+    out = pruned_output(CLASSES, [1, 3], 0)
+    answer = out.lookup[labels]
+    scores = []
+    for lost in (0.0, 0.3, 0.6, 1.0):  # share of the chosen pixels the pruned model answers as none
+        damaged = answer.copy()
+        damaged[(answer > 0) & (rng.random(answer.shape) < lost)] = 0
+        full, pruned, inputs, _ = _fake_models(labels, CLASSES, [1, 3], 0, pruned_labels=damaged)
+        scores.append(evaluate_fidelity(full, pruned, inputs, None, CLASSES, [1, 3], 0)["category_fidelity"])
+    assert scores[0] == 1.0 and scores[-1] == 0.0
+    assert all(a > b for a, b in zip(scores, scores[1:])), scores
+
+
+def test_category_absent_everywhere_is_left_out_and_all_absent_gives_none_with_a_note():
+    labels = np.zeros((2, 4, 4), np.int64)
+    labels[:, 0, 0] = 1  # person only; car never appears
+    full, pruned, inputs, _ = _fake_models(labels, CLASSES, [1, 3], 0)
+    result = evaluate_fidelity(full, pruned, inputs, None, CLASSES, [1, 3], 0)
+    assert result["category_fidelity"] == 1.0 and result["per_category"] == {"person": 1.0, "car": None}
+    assert "car" in result["note"] and result["categories_scored"] == 1
+    empty = np.zeros((2, 4, 4), np.int64)
+    full, pruned, inputs, _ = _fake_models(empty, CLASSES, [1, 3], 0)
+    result = evaluate_fidelity(full, pruned, inputs, None, CLASSES, [1, 3], 0)
+    assert result["category_fidelity"] is None and "undefined" in result["note"]
+    json.dumps(result, allow_nan=False)
+
+
+def test_ground_truth_of_non_chosen_classes_counts_as_none_in_miou():
+    classes = ["road", "car", "sky", "bus"]
+    truth = np.array([[[1, 3, 2, 255]]])  # car, bus (not chosen), sky, ignored
+    predicted = np.array([[[1, 3, 0, 1]]])  # full model: car, bus (-> other), road (-> other), car (ignored)
+    full, pruned, inputs, out = _fake_models(predicted, classes, [1, 2], None)
+    assert out.names == ("car", "sky", "other")
+    result = evaluate_fidelity(full, pruned, inputs, truth, classes, [1, 2], None)
+    # pixels scored: car right, bus as other right, sky as other wrong
+    assert result["per_class"] == {"car": {"full": 1.0, "pruned": 1.0}, "sky": {"full": 0.0, "pruned": 0.0},
+                                   "other": {"full": 0.5, "pruned": 0.5}}
+    assert result["miou_full"] == pytest.approx(0.5)
+
+
+def test_restricted_mode_reads_the_full_model_on_the_kept_channels():
+    labels = np.array([[[2, 3]]])  # bus, car
+    out = pruned_output(CLASSES, [1, 3], 0, mode="restricted")
+
+    def full(x):
+        scores = _onehot(labels, 5)
+        scores[0, 3, 0, 0] = 1.0  # car is runner-up on the bus pixel
+        return scores
+
+    def pruned(x):
+        return _onehot(np.array([[[2, 2]]]), 3)  # car on both
+
+    result = evaluate_fidelity(full, pruned, np.zeros((1, 1)), None, CLASSES, [1, 3], 0, "logits", "restricted")
+    assert result["mode"] == "restricted" and result["per_category"]["car"] == 1.0
+    result = evaluate_fidelity(full, pruned, np.zeros((1, 1)), None, CLASSES, [1, 3], 0, "logits", "chosen-or-none")
+    assert result["per_category"]["car"] == 0.5  # the bus pixel is none for the full model
+    assert out.names == ("background", "person", "car")
+
+
+def test_sigmoid_fidelity_and_ground_truth_per_category():
+    classes = ["road", "car", "sky"]
+    probs_full = np.array([[[[0.9, 0.9, 0.1]], [[0.8, 0.1, 0.1]], [[0.1, 0.7, 0.9]]]])  # [1, 3, 1, 3]
+    probs_pruned = probs_full[:, [0, 2]].copy()
+    probs_pruned[0, 1, 0, 1] = 0.2  # pruned loses sky on pixel 1
+    truth = np.array([[[0, 2, 255]]])
+    result = evaluate_fidelity(lambda x: probs_full, lambda x: probs_pruned, np.zeros((1, 1)), truth, classes,
+                               [0, 2], None, "sigmoid")
+    assert result["output_classes"] == ["road", "sky"] and result["none"] is None
+    assert result["per_category"] == {"road": 1.0, "sky": 0.5}
+    assert result["category_fidelity"] == pytest.approx(0.75)
+    assert result["agreement"] == pytest.approx(5 / 6)
+    # vs ground truth (pixel 2 ignored): road full {0,1} vs truth {0} -> 0.5; sky full {1} vs {1} -> 1, pruned {} -> 0
+    assert result["per_class"] == {"road": {"full": 0.5, "pruned": 0.5}, "sky": {"full": 1.0, "pruned": 0.0}}
+
+
+def test_predictions_are_resized_to_the_mask_size_and_channels_last_works():
+    labels = np.array([[[1, 0], [0, 3]]])
+    full, pruned, inputs, _ = _fake_models(labels, CLASSES, [1, 3], 0)
+    truth = np.kron(labels[0], np.ones((2, 2), np.int64))[None]  # 4x4 masks for 2x2 outputs
+    result = evaluate_fidelity(lambda x: np.moveaxis(full(x), 1, -1), lambda x: np.moveaxis(pruned(x), 1, -1),
+                               inputs, truth, CLASSES, [1, 3], 0, class_axis=3)
+    assert result["category_fidelity"] == 1.0 and result["miou_full"] == 1.0
+
+
+def test_fidelity_rejects_a_pruned_model_with_the_wrong_channels():
+    labels = np.zeros((1, 2, 2), np.int64)
+    full, _, inputs, _ = _fake_models(labels, CLASSES, [1, 3], 0)
+    with pytest.raises(ValueError, match=r"pruned model scores have 5 channels .* expected 3"):
+        evaluate_fidelity(full, full, inputs, None, CLASSES, [1, 3], 0)
