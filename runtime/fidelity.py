@@ -134,7 +134,8 @@ def evaluate_fidelity(full: Infer, pruned: Infer, inputs: np.ndarray, masks: np.
             result |= {"miou_full": _finite(gt_full.mean_iou), "miou_pruned": _finite(gt_pruned.mean_iou),
                        "miou_full_all_classes": None}
         else:
-            iou_full, iou_pruned = iou_from_confusion(cm_full, output.names), iou_from_confusion(cm_pruned, output.names)
+            iou_full = iou_from_confusion(cm_full, output.names)
+            iou_pruned = iou_from_confusion(cm_pruned, output.names)
             names, per_full, per_pruned = output.names, iou_full.per_class_iou, iou_pruned.per_class_iou
             result |= {"miou_full": _finite(iou_full.miou), "miou_pruned": _finite(iou_pruned.miou),
                        "miou_full_all_classes": _finite(iou_from_confusion(cm_all, list(classes)).miou)}

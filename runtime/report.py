@@ -1,6 +1,9 @@
 """The compile report: one dict, written as report.json and report.md, and shown as a table on the terminal.
 
-Everything the terminal table shows is in report.json; report.md holds the same tables for humans and reviews.
+Everything the terminal table shows is in report.json; report.md holds the same tables for humans and reviews. The
+headline is category fidelity (IoU of the pruned model's answer with the full model's, per chosen category) against
+the contract's minimum: the first line of both the terminal report and report.md says whether the contract was met.
+Every key may be missing on older or partial reports; what is missing is left out, never guessed.
 """
 
 from __future__ import annotations
@@ -11,50 +14,169 @@ from typing import Any
 
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from disasm.compiler.files import write_atomic
 
 
-def _ratio(new: float, old: float) -> str:
-    return f"{new / old:.3f}x" if old else "n/a"
+def _ratio(new: float | None, old: float | None) -> str:
+    return f"{new / old:.3f}x" if new is not None and old else "n/a"
 
 
 def _pct(v: float | None) -> str:
     return "n/a" if v is None else f"{100 * v:.2f}%"
 
 
+def _num(v: float | None) -> str:
+    return "n/a" if v is None else f"{v:.3f}"
+
+
+def _dict(value: Any) -> dict[str, Any]:
+    return value if isinstance(value, dict) else {}
+
+
+def _images(fid: dict[str, Any]) -> str:
+    """Which images fidelity was judged on, as a phrase: the report's `source` sentence, else the image count."""
+    source, count = fid.get("source"), fid.get("images")
+    if source:
+        return str(source)
+    if count is not None:
+        return f"{count} evaluation image{'' if count == 1 else 's'}"
+    return "the evaluation images"
+
+
+def contract_state(report: dict[str, Any]) -> bool | None:
+    """True if the contract was met, False if missed, None if the report has no contract."""
+    met = _dict(report.get("contract")).get("met")
+    return None if met is None else bool(met)
+
+
+def headline(report: dict[str, Any]) -> str:
+    """The report's first line: whether the category-fidelity contract was met, in plain words."""
+    contract, fid = _dict(report.get("contract")), _dict(report.get("fidelity"))
+    message = str(contract.get("message") or "").strip()
+    score, minimum = fid.get("category_fidelity"), contract.get("min_fidelity")
+    state = contract_state(report)
+    if state is False:
+        if not message:
+            message = f"category fidelity {_num(score)} < {_num(minimum)} on {_images(fid)}"
+        return message if message.lower().startswith("contract missed") else f"CONTRACT MISSED: {message}"
+    if state is True:
+        if not message:
+            message = f"category fidelity {_num(score)} >= {_num(minimum)} on {_images(fid)}"
+        return message if message.lower().startswith("contract met") else f"Contract met: {message}"
+    if "category_fidelity" not in fid:
+        return "Category fidelity not measured" + (f" (fidelity judged on {_images(fid)} by older measures)"
+                                                   if fid else "")
+    if score is None:
+        return f"Category fidelity undefined on {_images(fid)}" + (f": {fid['note']}" if fid.get("note") else "")
+    return f"Category fidelity {_num(score)} on {_images(fid)} (no minimum set)"
+
+
+def _output(report: dict[str, Any]) -> dict[str, Any]:
+    """report["output"], completed from older keys (kept_classes, fidelity.output_classes) where missing."""
+    output, fid = dict(_dict(report.get("output"))), _dict(report.get("fidelity"))
+    output.setdefault("classes", fid.get("output_classes") or report.get("kept_classes") or [])
+    output.setdefault("none", fid.get("none"))
+    output.setdefault("mode", fid.get("mode"))
+    return output
+
+
+def _categories(report: dict[str, Any]) -> list[str]:
+    output = _output(report)
+    return list(report.get("categories") or [c for c in output["classes"] if c != output.get("none")])
+
+
+def _engine_latency_text(engines: dict[str, Any]) -> str | None:
+    latency = engines.get("latency")
+    if isinstance(latency, str):
+        return latency
+    return None
+
+
 def summary_rows(report: dict[str, Any]) -> list[tuple[str, str, str, str]]:
-    """(metric, full, pruned, pruned/full) rows: the headline numbers of a compile run."""
-    cost, lat = report["cost"], report.get("latency")
-    rows = [
-        ("classes", str(len(report["model"]["classes"])), str(len(report["kept_classes"])), ""),
-        ("MACs (per image)", f"{cost['full']['macs'] / 1e6:.1f} M", f"{cost['pruned']['macs'] / 1e6:.1f} M",
-         _ratio(cost["pruned"]["macs"], cost["full"]["macs"])),
-        ("parameters", f"{cost['full']['params'] / 1e3:.1f} K", f"{cost['pruned']['params'] / 1e3:.1f} K",
-         _ratio(cost["pruned"]["params"], cost["full"]["params"])),
-    ]
-    if lat:
-        rows.append((f"latency median ({lat['backend']})", f"{lat['full']['median_ms']:.2f} ms",
-                     f"{lat['pruned']['median_ms']:.2f} ms", f"{lat['speedup']:.2f}x faster"))
-    engines = report.get("engines")
-    if engines:
-        for precision in ("fp32", "fp16"):
-            full, pruned = engines[f"full.{precision}"]["weight_bytes"], engines[f"pruned.{precision}"]["weight_bytes"]
-            if full and pruned:
-                rows.append((f"TensorRT {precision} weights ({engines['target']})", f"{full / 1e3:.0f} KB",
-                             f"{pruned / 1e3:.0f} KB", _ratio(pruned, full)))
-    fid = report.get("fidelity")
-    if fid:
-        rows.append(("pixel agreement with full model", "", _pct(fid["agreement"]), ""))
-        if fid.get("miou_full") is not None:
-            rows.append(("mIoU, kept classes (vs ground truth)", _pct(fid["miou_full"]), _pct(fid["miou_pruned"]),
-                         f"{100 * (fid['miou_pruned'] - fid['miou_full']):+.2f} pts"))
+    """(metric, full, pruned, pruned/full) rows: category fidelity first, then cost, latency, engines, pixel
+    agreement (secondary) and mIoU."""
+    rows: list[tuple[str, str, str, str]] = []
+    fid, contract = _dict(report.get("fidelity")), _dict(report.get("contract"))
+    if "category_fidelity" in fid:
+        minimum, state = contract.get("min_fidelity"), contract_state(report)
+        verdict = "" if minimum is None else f"min {minimum:.2f}: " + {True: "met", False: "MISSED"}.get(state, "")
+        rows.append(("category fidelity (IoU with the full model's answer)", "", _num(fid.get("category_fidelity")),
+                     verdict))
+        for name, v in _dict(fid.get("per_category")).items():
+            rows.append((f"  IoU {name}", "", _num(v), "" if v is not None else "absent from both"))
+    output = _output(report)
+    full_classes = _dict(report.get("model")).get("classes")
+    if output["classes"] or full_classes:
+        rows.append(("output classes", str(len(full_classes)) if full_classes else "",
+                     str(len(output["classes"])) if output["classes"] else "", ""))
+    cost = _dict(report.get("cost"))
+    full, pruned = _dict(cost.get("full")), _dict(cost.get("pruned"))
+    if full.get("macs") is not None and pruned.get("macs") is not None:
+        rows.append(("MACs (per image)", f"{full['macs'] / 1e6:.1f} M", f"{pruned['macs'] / 1e6:.1f} M",
+                     _ratio(pruned["macs"], full["macs"])))
+    if full.get("params") is not None and pruned.get("params") is not None:
+        rows.append(("parameters", f"{full['params'] / 1e3:.1f} K", f"{pruned['params'] / 1e3:.1f} K",
+                     _ratio(pruned["params"], full["params"])))
+    lat = _dict(report.get("latency"))
+    lat_full, lat_pruned = _dict(lat.get("full")), _dict(lat.get("pruned"))
+    if lat_full.get("median_ms") is not None and lat_pruned.get("median_ms") is not None:
+        speedup = lat.get("speedup")
+        rows.append((f"latency median ({lat.get('backend', '?')})", f"{lat_full['median_ms']:.2f} ms",
+                     f"{lat_pruned['median_ms']:.2f} ms", "" if speedup is None else f"{speedup:.2f}x faster"))
+    engines = _dict(report.get("engines"))
+    for precision in ("fp32", "fp16"):
+        e_full = _dict(engines.get(f"full.{precision}")).get("weight_bytes")
+        e_pruned = _dict(engines.get(f"pruned.{precision}")).get("weight_bytes")
+        if e_full and e_pruned:
+            rows.append((f"TensorRT {precision} weights ({engines.get('target', '?')})", f"{e_full / 1e3:.0f} KB",
+                         f"{e_pruned / 1e3:.0f} KB", _ratio(e_pruned, e_full)))
+    if fid.get("agreement") is not None:
+        rows.append(("pixel agreement with full model (secondary)", "", _pct(fid["agreement"]), ""))
+    if fid.get("miou_full") is not None or fid.get("miou_pruned") is not None:
+        mode = fid.get("mode") or output.get("mode") or "kept classes"
+        m_full, m_pruned = fid.get("miou_full"), fid.get("miou_pruned")
+        diff = f"{100 * (m_pruned - m_full):+.2f} pts" if m_full is not None and m_pruned is not None else ""
+        rows.append((f"mIoU vs ground truth ({mode})", _pct(m_full), _pct(m_pruned), diff))
     return rows
 
 
+def _output_line(report: dict[str, Any]) -> str | None:
+    output = _output(report)
+    if not output["classes"]:
+        return None
+    none = f"; none = {output['none']}" if output.get("none") else "; no none channel"
+    mode = f" ({output['mode']})" if output.get("mode") else ""
+    return f"output channels: {', '.join(output['classes'])}{none}{mode}"
+
+
+def _fidelity_line(report: dict[str, Any]) -> str | None:
+    fid = _dict(report.get("fidelity"))
+    if not fid:
+        return None
+    count = fid.get("images")
+    source = str(fid.get("source") or "")
+    named = count is None or not source or str(count) in source  # the sentence already gives the count
+    counted = "" if named else f" ({count} image{'' if count == 1 else 's'})"
+    return f"fidelity measured on {_images(fid)}{counted}"
+
+
+def _search_line(report: dict[str, Any]) -> str | None:
+    search = _dict(report.get("search"))
+    trials = search.get("trials") or []
+    if not trials and not search.get("note"):
+        return None
+    chosen = search.get("chosen")
+    picked = (f"chosen: {trials[chosen].get('setting', '?')}"
+              if isinstance(chosen, int) and 0 <= chosen < len(trials) else "none chosen")
+    note = f"; {search['note']}" if search.get("note") else ""
+    return f"budget search: {len(trials)} trial{'' if len(trials) == 1 else 's'}, {picked}{note}"
+
+
 def terminal_table(report: dict[str, Any]) -> Table:
-    kept = ", ".join(report["kept_classes"])
-    table = Table(title=f"disasm-compile {Path(report['model']['path']).name} -> {kept}", title_justify="left")
+    name = Path(str(_dict(report.get("model")).get("path", "model"))).name
+    table = Table(title=f"disasm-compile {name} -> {', '.join(_categories(report))}", title_justify="left")
     for col, justify in (("", "left"), ("full", "right"), ("pruned", "right"), ("pruned / full", "right")):
         table.add_column(col, justify=justify)
     for row in summary_rows(report):
@@ -63,37 +185,120 @@ def terminal_table(report: dict[str, Any]) -> Table:
 
 
 def print_report(report: dict[str, Any], console: Console) -> None:
+    state = contract_state(report)
+    style = {False: "bold red", True: "bold green", None: "bold"}[state]
+    console.print(Text(headline(report), style=style))
     console.print(terminal_table(report))
-    ch = report["channels"]
-    fragile = f"; fragile (consumer output loss > {ch['fragile_threshold']:.0%}): {ch['fragile']}" if ch["fragile"] else ""
-    console.print(f"channel groups: {ch['groups']} ({ch['cut']} cut, {ch['whole']} kept whole){fragile}; "
-                  f"channels kept {ch['kept']}/{ch['total']}; outputs in {report['out_dir']}")
+    for line in (_output_line(report), _fidelity_line(report), _note(report), _search_line(report),
+                 _engines_line(report)):
+        if line:
+            console.print(Text(line))
+    ch = _dict(report.get("channels"))
+    if ch:
+        fragile = (f"; fragile (consumer output loss > {ch['fragile_threshold']:.0%}): {ch['fragile']}"
+                   if ch.get("fragile") else "")
+        console.print(Text(f"channel groups: {ch.get('groups')} ({ch.get('cut')} cut, {ch.get('whole')} kept whole)"
+                           f"{fragile}; channels kept {ch.get('kept')}/{ch.get('total')}; "
+                           f"outputs in {report.get('out_dir')}"))
+
+
+def _note(report: dict[str, Any]) -> str | None:
+    note = _dict(report.get("fidelity")).get("note")
+    return f"note: {note}" if note else None
+
+
+def _engines_line(report: dict[str, Any]) -> str | None:
+    engines = _dict(report.get("engines"))
+    text = _engine_latency_text(engines) if engines else None
+    if not text:
+        return None
+    return f"TensorRT engines were only built ({engines.get('target', '?')}), not run: {text}"
+
+
+def _trial_table(report: dict[str, Any]) -> list[str]:
+    search = _dict(report.get("search"))
+    trials = [t for t in search.get("trials") or [] if isinstance(t, dict)]
+    lines = ["", "## Budget search", ""]
+    if search.get("note"):
+        lines += [str(search["note"]), ""]
+    minimum = _dict(report.get("contract")).get("min_fidelity")
+    if minimum is not None:
+        lines += [f"Minimum category fidelity: {minimum:.2f}.", ""]
+    if not trials:
+        return lines + ["No trials recorded."]
+    names: list[str] = []
+    for t in trials:
+        names += [n for n in _dict(t.get("per_category")) if n not in names]
+    chosen = search.get("chosen")
+    lines += ["| # | setting | MACs ratio | category fidelity | " + "".join(f"IoU {n} | " for n in names) + "chosen |",
+              "|---:|---|---:|---:|" + "---:|" * len(names) + "---|"]
+    for i, t in enumerate(trials):
+        mark = "**chosen**" if i == chosen else ""
+        macs = t.get("macs_ratio")
+        per = _dict(t.get("per_category"))
+        cells = [str(i), str(t.get("setting", "")), "n/a" if macs is None else f"{macs:.3f}",
+                 _num(t.get("category_fidelity")), *(_num(per.get(n)) for n in names), mark]
+        if i == chosen:
+            cells[:-1] = [f"**{c}**" for c in cells[:-1]]
+        lines.append("| " + " | ".join(cells) + " |")
+    if not (isinstance(chosen, int) and 0 <= chosen < len(trials)):
+        lines += ["", "No trial was chosen."]
+    return lines
 
 
 def markdown(report: dict[str, Any]) -> str:
-    lines = [f"# disasm-compile report: {Path(report['model']['path']).name}", "",
-             f"Kept classes (output order): {', '.join(report['kept_classes'])}  ",
-             f"Source sha256: `{report['model']['sha256']}`", "",
-             "| metric | full | pruned | pruned / full |", "|---|---:|---:|---:|"]
+    model = _dict(report.get("model"))
+    lines = [headline(report), "", f"# disasm-compile report: {Path(str(model.get('path', 'model'))).name}", ""]
+    categories = _categories(report)
+    if categories:
+        lines.append(f"Chosen categories: {', '.join(categories)}  ")
+    for line in (_output_line(report), _fidelity_line(report), _note(report)):
+        if line:
+            lines.append(line[0].upper() + line[1:] + "  ")
+    if model.get("sha256"):
+        lines.append(f"Source sha256: `{model['sha256']}`")
+    lines += ["", "Category fidelity: for each chosen category, the IoU of the pruned model's answer with the full "
+              "model's answer read the same way (chosen category or none), summed over the images; the headline is "
+              "their mean. Pixel agreement is secondary: a model that answers none everywhere scores the none share.",
+              "", "| metric | full | pruned | pruned / full |", "|---|---:|---:|---:|"]
     lines += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in summary_rows(report)]
-    fid = report.get("fidelity")
-    if fid and fid.get("per_class"):
-        lines += ["", "## Per-class IoU (kept classes, ground truth of other classes counted as background)", "",
-                  "| class | full | pruned |", "|---|---:|---:|"]
-        lines += [f"| {name} | {_pct(v['full'])} | {_pct(v['pruned'])} |" for name, v in fid["per_class"].items()]
-    lines += ["", "## Channel groups", "",
-              "Output loss: the largest share of a consumer's output energy (calibration data) the cut still loses "
-              "after compensation; groups above the fragile threshold are where the cut changes most.", "",
-              "| group | producers | channels | kept | padded | output loss | note |",
-              "|---:|---|---:|---:|---:|---:|---|"]
-    for g in report["channels"]["per_group"]:
-        producers = ", ".join(g["producers"][:2]) + (" ..." if len(g["producers"]) > 2 else "")
-        loss = "" if g.get("output_loss") is None else f"{100 * g['output_loss']:.2f}%"
-        lines.append(f"| {g['group']} | {producers} | {g['size']} | {g['kept']} | {g['padded']} | {loss} | {g['reason']} |")
-    lines += ["", "## Settings", "", "```json", json.dumps(report["settings"], indent=2, sort_keys=True), "```", ""]
-    return "\n".join(lines)
+    if report.get("search"):
+        lines += _trial_table(report)
+    fid = _dict(report.get("fidelity"))
+    if fid.get("per_class"):
+        none = _output(report).get("none")
+        counted = (f"ground truth of other classes counted as {none}" if none
+                   else "ground truth of other classes not scored" if fid.get("mode") == "restricted"
+                   else "each category scored on its own")
+        lines += ["", f"## Per-class IoU vs ground truth ({fid.get('mode') or 'kept classes'}; {counted}; "
+                  "label 255 ignored)", "", "| class | full | pruned |", "|---|---:|---:|"]
+        lines += [f"| {name} | {_pct(_dict(v).get('full'))} | {_pct(_dict(v).get('pruned'))} |"
+                  for name, v in fid["per_class"].items()]
+    engines = _dict(report.get("engines"))
+    if engines:
+        lines += ["", "## TensorRT engines", ""]
+        text = _engine_latency_text(engines)
+        module = f" with {engines['module']}" if engines.get("module") else ""
+        lines.append(f"Engines built for {engines.get('target', '?')}{module}; "
+                     + (f"they were only built, not run: {text}." if text else "see the table for their weights."))
+    channels = _dict(report.get("channels"))
+    if channels.get("per_group"):
+        lines += ["", "## Channel groups", "",
+                  "Output loss: the largest share of a consumer's output energy (calibration data) the cut still loses "
+                  "after compensation; groups above the fragile threshold are where the cut changes most.", "",
+                  "| group | producers | channels | kept | padded | output loss | note |",
+                  "|---:|---|---:|---:|---:|---:|---|"]
+        for g in channels["per_group"]:
+            producers = ", ".join(g["producers"][:2]) + (" ..." if len(g["producers"]) > 2 else "")
+            loss = "" if g.get("output_loss") is None else f"{100 * g['output_loss']:.2f}%"
+            lines.append(f"| {g['group']} | {producers} | {g['size']} | {g['kept']} | {g['padded']} | {loss} | "
+                         f"{g['reason']} |")
+    if report.get("settings") is not None:
+        lines += ["", "## Settings", "", "```json", json.dumps(report["settings"], indent=2, sort_keys=True), "```"]
+    return "\n".join(lines) + "\n"
 
 
 def write_report(report: dict[str, Any], out_dir: Path) -> None:
-    write_atomic(out_dir / "report.json", (json.dumps(report, indent=2, sort_keys=True, allow_nan=False) + "\n").encode())
+    text = json.dumps(report, indent=2, sort_keys=True, allow_nan=False) + "\n"
+    write_atomic(out_dir / "report.json", text.encode())
     write_atomic(out_dir / "report.md", markdown(report).encode())
