@@ -193,7 +193,7 @@ RESTRICTED = "restricted"
 MODES = (CHOSEN_OR_NONE, RESTRICTED)
 OUTPUT_KINDS = ("logits", "probs", "sigmoid")
 SIGMOID_THRESHOLD = 0.5
-NONE_NAMES = ("other", "none", "other (none)")  # the appended none channel takes the first name the model does not use
+NONE_NAMES = ("other", "none", "other (none)")  # the appended none channel: the first name no chosen category has
 
 
 @dataclass(frozen=True)
@@ -276,9 +276,10 @@ def pruned_output(classes: Sequence[str], chosen: Sequence[int | str], backgroun
         source_ids, none_index = list(categories), None
     else:
         source_ids, none_index = [*categories, None], len(categories)
-    other = next((n for n in NONE_NAMES if n not in classes), None)
+    taken = {classes[i] for i in categories}
+    other = next((n for n in NONE_NAMES if n not in taken), None)
     if other is None and None in source_ids:
-        raise ValueError(f"every name for the appended none channel ({', '.join(NONE_NAMES)}) is a class of the model")
+        raise ValueError(f"every name for the appended none channel ({', '.join(NONE_NAMES)}) is a chosen category")
     names = tuple(other if i is None else classes[i] for i in source_ids)
     positions = tuple(source_ids.index(i) for i in categories)
     return PrunedOutput(names, tuple(source_ids), none_index, tuple(categories), positions, len(classes), output_kind,
