@@ -9,6 +9,7 @@ Every key may be missing on older or partial reports; what is missing is left ou
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +52,11 @@ def contract_state(report: dict[str, Any]) -> bool | None:
     return None if met is None else bool(met)
 
 
+def _has_verdict(message: str) -> bool:
+    """Whether a contract message already opens with its verdict ("CONTRACT MISSED: ...", "contract met: ...")."""
+    return re.match(r"contract [a-z ]{2,20}:", message, re.IGNORECASE) is not None
+
+
 def headline(report: dict[str, Any]) -> str:
     """The report's first line: whether the category-fidelity contract was met, in plain words."""
     contract, fid = _dict(report.get("contract")), _dict(report.get("fidelity"))
@@ -60,11 +66,11 @@ def headline(report: dict[str, Any]) -> str:
     if state is False:
         if not message:
             message = f"category fidelity {_num(score)} < {_num(minimum)} on {_images(fid)}"
-        return message if message.lower().startswith("contract missed") else f"CONTRACT MISSED: {message}"
+        return message if _has_verdict(message) else f"CONTRACT MISSED: {message}"
     if state is True:
         if not message:
             message = f"category fidelity {_num(score)} >= {_num(minimum)} on {_images(fid)}"
-        return message if message.lower().startswith("contract met") else f"Contract met: {message}"
+        return message[0].upper() + message[1:] if _has_verdict(message) else f"Contract met: {message}"
     if "category_fidelity" not in fid:
         return "Category fidelity not measured" + (f" (fidelity judged on {_images(fid)} by older measures)"
                                                    if fid else "")

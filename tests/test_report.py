@@ -82,6 +82,15 @@ def test_met_contract_is_said_briefly_on_the_first_line():
     assert markdown(report).splitlines()[0].startswith("Contract met:")
 
 
+def test_headline_keeps_a_message_that_states_its_own_verdict():
+    report = full_report(met=False)
+    report["contract"]["message"] = "CONTRACT UNCHECKED: the chosen categories appear in neither model's answers"
+    assert headline(report) == report["contract"]["message"]
+    report = full_report(met=True)
+    report["contract"]["message"] = "contract met: category fidelity 0.950 >= 0.90 on 9 held-out images"
+    assert headline(report) == "Contract met: category fidelity 0.950 >= 0.90 on 9 held-out images"
+
+
 def test_headline_without_message_or_contract_still_says_the_score():
     report = full_report()
     report["contract"]["message"] = ""
