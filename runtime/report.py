@@ -95,8 +95,8 @@ def _categories(report: dict[str, Any]) -> list[str]:
 
 def _engine_latency_text(engines: dict[str, Any]) -> str | None:
     latency = engines.get("latency")
-    if isinstance(latency, str):
-        return latency
+    if isinstance(latency, str) and latency.strip():
+        return re.sub(r"^built only[:;,]?\s*", "", latency.strip(), flags=re.IGNORECASE)
     return None
 
 
@@ -108,7 +108,7 @@ def summary_rows(report: dict[str, Any]) -> list[tuple[str, str, str, str]]:
     if "category_fidelity" in fid:
         minimum, state = contract.get("min_fidelity"), contract_state(report)
         verdict = "" if minimum is None else f"min {minimum:.2f}: " + {True: "met", False: "MISSED"}.get(state, "")
-        rows.append(("category fidelity (IoU with the full model's answer)", "", _num(fid.get("category_fidelity")),
+        rows.append(("category fidelity (vs full model)", "", _num(fid.get("category_fidelity")),
                      verdict))
         for name, v in _dict(fid.get("per_category")).items():
             rows.append((f"  IoU {name}", "", _num(v), "" if v is not None else "absent from both"))
@@ -139,7 +139,7 @@ def summary_rows(report: dict[str, Any]) -> list[tuple[str, str, str, str]]:
             rows.append((f"TensorRT {precision} weights ({engines.get('target', '?')})", f"{e_full / 1e3:.0f} KB",
                          f"{e_pruned / 1e3:.0f} KB", _ratio(e_pruned, e_full)))
     if fid.get("agreement") is not None:
-        rows.append(("pixel agreement with full model (secondary)", "", _pct(fid["agreement"]), ""))
+        rows.append(("pixel agreement (secondary)", "", _pct(fid["agreement"]), ""))
     if fid.get("miou_full") is not None or fid.get("miou_pruned") is not None:
         mode = fid.get("mode") or output.get("mode") or "kept classes"
         m_full, m_pruned = fid.get("miou_full"), fid.get("miou_pruned")
@@ -218,7 +218,7 @@ def _engines_line(report: dict[str, Any]) -> str | None:
     text = _engine_latency_text(engines) if engines else None
     if not text:
         return None
-    return f"TensorRT engines were only built ({engines.get('target', '?')}), not run: {text}"
+    return f"TensorRT engines were only built for {engines.get('target', '?')}, not run ({text})"
 
 
 def _trial_table(report: dict[str, Any]) -> list[str]:
@@ -286,7 +286,7 @@ def markdown(report: dict[str, Any]) -> str:
         text = _engine_latency_text(engines)
         module = f" with {engines['module']}" if engines.get("module") else ""
         lines.append(f"Engines built for {engines.get('target', '?')}{module}; "
-                     + (f"they were only built, not run: {text}." if text else "see the table for their weights."))
+                     + (f"they were only built, not run ({text})." if text else "see the table for their weights."))
     channels = _dict(report.get("channels"))
     if channels.get("per_group"):
         lines += ["", "## Channel groups", "",

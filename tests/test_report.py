@@ -141,7 +141,7 @@ def test_terminal_report_lists_source_search_and_engines():
     text = terminal_text(full_report())
     assert "fidelity measured on held-out share" in text
     assert "budget search: 3 trials, none chosen" in text
-    assert "only built (sm86), not run" in text
+    assert "TensorRT engines were only built for sm86, not run (needs a GPU" in text
 
 
 @pytest.mark.parametrize("drop", ["contract", "search", "output", "engines", "latency", "fidelity", "channels", "cost",
