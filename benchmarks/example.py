@@ -16,7 +16,7 @@ from disasm.attribution.calibration import calibrate
 from disasm.attribution.disassembler import Attribution, AttributionSettings
 from disasm.attribution.select import SelectionSettings
 from disasm.compiler.channels import ChannelAnalysis, analyse
-from disasm.compiler.cli import specialise
+from disasm.compiler.pipeline import specialise
 from disasm.compiler.cost import model_cost
 from disasm.compiler.files import write_atomic
 from disasm.compiler.images import load_images, load_masks, preprocess, scan_images

@@ -1,0 +1,113 @@
+"""What a specialised model outputs: the chosen categories and one "none" channel, or the paper's restricted classes.
+
+`chosen-or-none` (the default): one channel per chosen category, in the model's order, plus one "none" channel: the
+model's background class where it has one (at its own place in that order), else a new channel `other`, last. The
+none channel holds the largest score of every class that is not chosen, so the pruned argmax is the full model's
+argmax with each non-chosen class read as none, exactly (ties aside): the class conv keeps every row and the max is
+taken after the output (a Gather of the chosen scores, a Gather + ReduceMax of the others, a Concat). The max, not
+the sum, also for probabilities: with a sum a chosen class would need more than all others together to win, which is
+not what the full model answers. Sigmoid (multi-label) models answer per category: they keep just the chosen channels.
+`restricted` keeps the chosen classes plus background and reads the full model by argmax over those only (the
+paper's protocol; it labels a bus as car).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+MODES = ("chosen-or-none", "restricted")
+OTHER = "other"
+
+
+@dataclass(frozen=True)
+class OutputPlan:
+    """The specialised output: per channel its name and the full model's class ids it takes the max of."""
+
+    names: tuple[str, ...]
+    sources: tuple[tuple[int, ...], ...]
+    none: str | None  # the name of the "none" channel, if there is one
+    mode: str
+
+    @property
+    def none_index(self) -> int | None:
+        return None if self.none is None else self.names.index(self.none)
+
+    @property
+    def single_sources(self) -> np.ndarray | None:
+        """The class ids in output order when every channel is one class (the class conv can then be sliced)."""
+        if all(len(s) == 1 for s in self.sources):
+            return np.array([s[0] for s in self.sources], dtype=np.int64)
+        return None
+
+
+def plan_outputs(classes: tuple[str, ...], chosen: list[str], background: str | None, output_kind: str,
+                 mode: str = "chosen-or-none") -> OutputPlan:
+    if mode not in MODES:
+        raise ValueError(f"output mode {mode!r}; expected one of {', '.join(MODES)}")
+    ids = [classes.index(c) for c in chosen]
+    if output_kind == "sigmoid":  # independent per-class answers: nothing else to fold into "none"
+        return OutputPlan(tuple(classes[i] for i in ids), tuple((i,) for i in ids), None, mode)
+    back = classes.index(background) if background is not None else None
+    if mode == "restricted":
+        kept = sorted(set(ids) | ({back} if back is not None else set()))
+        return OutputPlan(tuple(classes[i] for i in kept), tuple((i,) for i in kept), background, mode)
+    others = tuple(i for i in range(len(classes)) if i not in ids)
+    if back is None:
+        return OutputPlan(tuple(classes[i] for i in ids) + (OTHER,), tuple((i,) for i in ids) + (others,), OTHER, mode)
+    order = sorted(ids + [back])
+    return OutputPlan(tuple(classes[i] for i in order), tuple(others if i == back else (i,) for i in order),
+                      background, mode)
+
+
+def _reduce_max(graph: gs.Graph, x: gs.Variable, axis: int, opset: int, name: str) -> gs.Variable:
+    out = gs.Variable(f"{name}__none", dtype=x.dtype)
+    if opset >= 18:  # axes became an input
+        axes = gs.Constant(f"{name}__none_axes", np.array([axis], np.int64))
+        graph.nodes.append(gs.Node("ReduceMax", f"{name}__none", {"keepdims": 1}, [x, axes], [out]))
+    else:
+        graph.nodes.append(gs.Node("ReduceMax", f"{name}__none", {"axes": [axis], "keepdims": 1}, [x], [out]))
+    return out
+
+
+def add_output_head(model: onnx.ModelProto, plan: OutputPlan, axis: int) -> onnx.ModelProto:
+    """`model` (whose single output holds every class on `axis`) with its output replaced by the plan's channels.
+    The output keeps its name; `model` is not modified."""
+    graph = gs.import_onnx(model)
+    out = graph.outputs[0]
+    everything = gs.Variable(f"{out.name}__all_classes", dtype=out.dtype)
+    for producer in list(out.inputs):
+        producer.outputs[producer.outputs.index(out)] = everything
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 1)
+    pieces = []  # in output order: runs of single classes as one Gather, each folded channel as Gather + ReduceMax
+    for i, sources in enumerate(plan.sources):
+        if len(sources) == 1 and i > 0 and len(plan.sources[i - 1]) == 1:
+            pieces[-1][1].append(sources[0])
+        else:
+            pieces.append((i, list(sources)))
+    tensors = []
+    for i, sources in pieces:
+        picked = gs.Variable(f"{out.name}__part{i}", dtype=out.dtype)
+        ids = gs.Constant(f"{out.name}__part{i}_classes", np.array(sources, np.int64))
+        graph.nodes.append(gs.Node("Gather", f"{out.name}__part{i}", {"axis": axis}, [everything, ids], [picked]))
+        tensors.append(_reduce_max(graph, picked, axis, opset, f"{out.name}_{i}") if len(plan.sources[i]) > 1
+                       else picked)
+    if len(tensors) == 1:
+        graph.nodes.append(gs.Node("Identity", f"{out.name}__head", {}, tensors, [out]))
+    else:
+        graph.nodes.append(gs.Node("Concat", f"{out.name}__head", {"axis": axis}, tensors, [out]))
+    if out.shape is not None:
+        shape = list(out.shape)
+        shape[axis] = len(plan.names)
+        out.shape = shape
+    graph.cleanup().toposort()
+    head = gs.export_onnx(graph, do_type_check=False)
+    head.ir_version = model.ir_version
+    del head.opset_import[:]
+    head.opset_import.extend(model.opset_import)
+    onnx.helper.set_model_props(head, {p.key: p.value for p in model.metadata_props})
+    head.producer_name, head.producer_version = model.producer_name, model.producer_version
+    return head
