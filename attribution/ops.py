@@ -191,6 +191,23 @@ def _where(ctx: OpContext, condition: Tensor, x: Tensor, y: Tensor) -> Tensor:
     return torch.where(condition, x, y)
 
 
+def _mod(ctx: OpContext, a: Tensor, b: Tensor) -> Tensor:
+    if ctx.attrs["fmod"]:
+        return torch.fmod(a, b)  # C fmod: the sign of the dividend
+    return torch.remainder(a, b)  # fmod=0 (integers only): the sign of the divisor, like Python's %
+
+
+def _is_inf(ctx: OpContext, x: Tensor) -> Tensor:
+    positive, negative = ctx.attrs["detect_positive"], ctx.attrs["detect_negative"]
+    if positive and negative:
+        return torch.isinf(x)
+    if positive:
+        return torch.isposinf(x)
+    if negative:
+        return torch.isneginf(x)
+    return torch.zeros_like(x, dtype=torch.bool)
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Activations
 # ---------------------------------------------------------------------------------------------------------------------
@@ -234,6 +251,19 @@ def _selu(ctx: OpContext, x: Tensor) -> Tensor:
 
 def _gelu(ctx: OpContext, x: Tensor) -> Tensor:
     return F.gelu(x, approximate=ctx.attrs["approximate"])
+
+
+def _celu(ctx: OpContext, x: Tensor) -> Tensor:
+    return F.celu(x, ctx.attrs["alpha"])
+
+
+def _thresholded_relu(ctx: OpContext, x: Tensor) -> Tensor:
+    return torch.where(x > ctx.attrs["alpha"], x, torch.zeros_like(x))
+
+
+def _shrink(ctx: OpContext, x: Tensor) -> Tensor:
+    lambd, bias = ctx.attrs["lambd"], ctx.attrs["bias"]
+    return torch.where(x < -lambd, x + bias, torch.where(x > lambd, x - bias, torch.zeros_like(x)))
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -355,6 +385,43 @@ def _instance_norm(ctx: OpContext, x: Tensor, scale: Tensor, bias: Tensor) -> Te
     return F.instance_norm(x, weight=scale, bias=bias, eps=ctx.attrs["epsilon"])
 
 
+def _layer_norm(ctx: OpContext, x: Tensor, scale: Tensor, bias: Tensor | None = None) -> Tensor | tuple[Tensor, ...]:
+    """Normalises over the axes from `axis` on; scale and bias broadcast against those axes. The optional Mean and
+    InvStdDev outputs keep the normalised axes as 1s. stash_type (the precision of the statistics) is the
+    interpreter's dtype whatever the attribute says."""
+    axis = _axis(ctx.attrs["axis"], x.dim())
+    normalized = tuple(x.shape[axis:])
+    eps = ctx.attrs["epsilon"]
+    if ctx.num_outputs == 1 and tuple(scale.shape) == normalized and (bias is None or bias.shape == scale.shape):
+        return F.layer_norm(x, normalized, scale, bias, eps)
+    dims = tuple(range(axis, x.dim()))
+    mean = x.mean(dims, keepdim=True)
+    centred = x - mean
+    inv_std = torch.rsqrt(centred.square().mean(dims, keepdim=True) + eps)
+    y = centred * inv_std * scale
+    if bias is not None:
+        y = y + bias
+    return (y, mean, inv_std) if ctx.num_outputs > 1 else y
+
+
+def _group_norm(per_channel: bool) -> OpFn:
+    """GroupNormalization-18 has one scale and bias per group, -21 one per channel (18 was deprecated for that)."""
+
+    def run(ctx: OpContext, x: Tensor, scale: Tensor, bias: Tensor) -> Tensor:
+        groups = ctx.attrs["num_groups"]
+        if not per_channel:
+            repeat = x.shape[1] // groups
+            scale, bias = scale.repeat_interleave(repeat), bias.repeat_interleave(repeat)
+        return F.group_norm(x, groups, scale, bias, ctx.attrs["epsilon"])
+
+    return run
+
+
+def _einsum(ctx: OpContext, *xs: Tensor) -> Tensor:
+    # torch.einsum reads ONNX's equations (explicit "->" or implicit output, "..." broadcasting) the same way.
+    return torch.einsum(ctx.attrs["equation"].replace(" ", ""), *xs)
+
+
 def _gemm(ctx: OpContext, a: Tensor, b: Tensor, c: Tensor | None = None) -> Tensor:
     if ctx.attrs["transA"]:
         a = a.transpose(0, 1)
@@ -406,14 +473,60 @@ def _pool_geometry(ctx: OpContext, in_sizes: Sequence[int]) -> _PoolGeometry:
     return _PoolGeometry(kernel, strides, dilations, pads, reach)
 
 
-def _max_pool(ctx: OpContext, x: Tensor) -> Tensor:
+def _max_pool(ctx: OpContext, x: Tensor) -> Tensor | tuple[Tensor, Tensor]:
     geo = _pool_geometry(ctx, x.shape[2:])
     spatial = len(geo.kernel)
+    with_indices = ctx.num_outputs > 1
     symmetric = all(b == e == r and b <= k // 2 for (b, e), r, k in zip(geo.pads, geo.reach, geo.kernel))
     if symmetric:  # torch's own padding is the same window set: skip the copy
-        return _MAX_POOL[spatial](x, geo.kernel, geo.strides, [b for b, _ in geo.pads], geo.dilations)
-    x = F.pad(x, _torch_pad_list(geo.window_pads()), value=-math.inf)
-    return _MAX_POOL[spatial](x, geo.kernel, geo.strides, 0, geo.dilations)
+        out = _MAX_POOL[spatial](x, geo.kernel, geo.strides, [b for b, _ in geo.pads], geo.dilations,
+                                 return_indices=with_indices)
+        begins = [0] * spatial  # torch's indices already count in the unpadded input
+        padded = x.shape[2:]
+    else:
+        padded_x = F.pad(x, _torch_pad_list(geo.window_pads()), value=-math.inf)
+        out = _MAX_POOL[spatial](padded_x, geo.kernel, geo.strides, 0, geo.dilations, return_indices=with_indices)
+        begins = [b for b, _ in geo.pads]
+        padded = padded_x.shape[2:]
+    if not with_indices:
+        return out
+    values, indices = out
+    return values, _pool_indices(indices, x.shape, padded, begins, ctx.attrs.get("storage_order", 0))
+
+
+def _pool_indices(indices: Tensor, in_shape: Sequence[int], padded: Sequence[int], begins: Sequence[int],
+                  storage_order: int) -> Tensor:
+    """torch's argmax positions (flat within one padded spatial plane) -> ONNX's: flat over the whole unpadded
+    input (N, C, spatial...), the spatial part row-major (storage_order=0) or column-major (1), as ONNX Runtime."""
+    coords = []
+    rest = indices
+    for size in reversed(padded):
+        coords.append(rest % size)
+        rest = rest // size
+    coords = [c - b for c, b in zip(reversed(coords), begins)]
+    sizes = list(in_shape[2:])
+    axes = range(len(sizes)) if storage_order == 0 else reversed(range(len(sizes)))
+    flat = torch.zeros_like(indices)
+    for axis in axes:
+        flat = flat * sizes[axis] + coords[axis]
+    planes = torch.arange(in_shape[0] * in_shape[1], device=indices.device).reshape(in_shape[0], in_shape[1],
+                                                                                    *[1] * len(sizes))
+    return flat + planes * math.prod(sizes)
+
+
+def _max_unpool(ctx: OpContext, x: Tensor, indices: Tensor, output_shape: Tensor | None = None) -> Tensor:
+    """Scatters x to the flat positions MaxPool's indices name; every other cell is 0. The output shape is the
+    pooled input's, (n - 1) * stride + kernel - pads per axis, unless output_shape gives it."""
+    shape = _ints(output_shape)
+    if not shape:
+        spatial = x.dim() - 2
+        kernel = ctx.attrs["kernel_shape"]
+        strides = ctx.attrs.get("strides") or [1] * spatial
+        pads = ctx.attrs.get("pads") or [0] * (2 * spatial)
+        shape = [*x.shape[:2], *((n - 1) * s + k - pads[i] - pads[i + spatial]
+                                 for i, (n, s, k) in enumerate(zip(x.shape[2:], strides, kernel)))]
+    out = x.new_zeros(math.prod(shape)).scatter(0, indices.reshape(-1).to(x.device), x.reshape(-1))
+    return out.reshape(shape)
 
 
 def _window_mean(t: Tensor, geo: _PoolGeometry) -> Tensor:
@@ -465,13 +578,36 @@ def _check_pool(ctx: OpContext) -> None:
 
 
 def _reduce(fn: Callable[..., Tensor], x: Tensor, axes: Sequence[int] | None, keepdims: int, noop: int) -> Tensor:
-    if not axes:
-        if noop:
-            return x  # noop_with_empty_axes: no axes means identity, not "reduce everything"
-        axes = range(x.dim())
-    if x.dim() == 0:
-        return x
+    if (not axes and noop) or x.dim() == 0:
+        # Reducing no axes (noop_with_empty_axes, or a scalar) still applies the elementwise part, as ONNX Runtime
+        # does: ReduceSumSquare squares, ReduceLogSum takes the log. It runs as a reduction over a new axis of 1.
+        return fn(x.unsqueeze(-1), dim=(x.dim(),), keepdim=False)
+    axes = axes or range(x.dim())  # no axes: reduce every axis
     return fn(x, dim=tuple(_axis(a, x.dim()) for a in axes), keepdim=bool(keepdims))
+
+
+def _prod(x: Tensor, dim: tuple[int, ...], keepdim: bool) -> Tensor:
+    """torch.prod takes one axis at a time."""
+    for axis in sorted(dim, reverse=True):
+        x = torch.prod(x, dim=axis, keepdim=keepdim)
+    return x
+
+
+def _l1(x: Tensor, dim: tuple[int, ...], keepdim: bool) -> Tensor:
+    return x.abs().sum(dim=dim, keepdim=keepdim)
+
+
+def _l2(x: Tensor, dim: tuple[int, ...], keepdim: bool) -> Tensor:
+    # vector_norm's gradient at an all-zero slice is 0, where sqrt(sum(x^2)) would give NaN.
+    return torch.linalg.vector_norm(x, 2, dim=dim, keepdim=keepdim)
+
+
+def _log_sum(x: Tensor, dim: tuple[int, ...], keepdim: bool) -> Tensor:
+    return torch.log(x.sum(dim=dim, keepdim=keepdim))
+
+
+def _sum_square(x: Tensor, dim: tuple[int, ...], keepdim: bool) -> Tensor:
+    return x.square().sum(dim=dim, keepdim=keepdim)
 
 
 def _reduce_attr(fn: Callable[..., Tensor]) -> OpFn:
@@ -512,12 +648,50 @@ def _softmax_axis(fn: Callable[..., Tensor]) -> OpFn:
     return run
 
 
-def _argmax(ctx: OpContext, x: Tensor) -> Tensor:
+def _reductions(fn: Callable[..., Tensor], input_since: int = 18) -> tuple[OpImpl, ...]:
+    """The two forms of a Reduce* op: axes as an attribute, then (from `input_since`) as an optional host input."""
+    return (_op(1, _reduce_attr(fn)), _op(input_since, _reduce_input(fn), host=[1]))
+
+
+def _arg_extreme(fn: Callable[..., Tensor]) -> OpFn:
+    """ArgMax / ArgMin: torch returns the first extreme index, as ONNX asks; select_last_index flips the axis."""
+
+    def run(ctx: OpContext, x: Tensor) -> Tensor:
+        axis = _axis(ctx.attrs["axis"], x.dim())
+        keep = bool(ctx.attrs["keepdims"])
+        if ctx.attrs.get("select_last_index", 0):
+            return x.shape[axis] - 1 - fn(x.flip(axis), dim=axis, keepdim=keep)
+        return fn(x, dim=axis, keepdim=keep)
+
+    return run
+
+
+def _cumsum(ctx: OpContext, x: Tensor, axis: Tensor) -> Tensor:
+    dim = _axis(_ints(axis)[0], x.dim())
+    reverse = ctx.attrs["reverse"]
+    if reverse:
+        x = x.flip(dim)
+    y = torch.cumsum(x, dim)
+    if ctx.attrs["exclusive"]:  # shift by one: each cell sums the cells before it only
+        y = torch.cat([torch.zeros_like(y.narrow(dim, 0, 1)), y.narrow(dim, 0, y.shape[dim] - 1)], dim)
+    return y.flip(dim) if reverse else y
+
+
+def _top_k_along(ctx: OpContext, x: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """The k largest (or smallest) along `axis`, in order; among equal values the lower index comes first, as ONNX
+    asks (a stable sort guarantees it, torch.topk does not). sorted=0 leaves the order free, so sorted order is
+    fine too."""
     axis = _axis(ctx.attrs["axis"], x.dim())
-    keep = bool(ctx.attrs["keepdims"])
-    if ctx.attrs.get("select_last_index", 0):
-        return x.shape[axis] - 1 - torch.argmax(x.flip(axis), dim=axis, keepdim=keep)
-    return torch.argmax(x, dim=axis, keepdim=keep)  # torch returns the first maximal index, as ONNX asks
+    values, indices = torch.sort(x, dim=axis, descending=bool(ctx.attrs.get("largest", 1)), stable=True)
+    return values.narrow(axis, 0, k), indices.narrow(axis, 0, k)
+
+
+def _top_k_attr(ctx: OpContext, x: Tensor) -> tuple[Tensor, Tensor]:
+    return _top_k_along(ctx, x, ctx.attrs["k"])
+
+
+def _top_k(ctx: OpContext, x: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
+    return _top_k_along(ctx, x, _ints(k)[0])
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -667,6 +841,84 @@ def _gather(ctx: OpContext, x: Tensor, indices: Tensor) -> Tensor:
     indices = torch.where(indices < 0, indices + x.shape[axis], indices)  # negative indices count from the end
     picked = x.index_select(axis, indices.reshape(-1))
     return picked.reshape((*x.shape[:axis], *indices.shape, *x.shape[axis + 1:]))  # a tuple: () is a valid shape
+
+
+def _positive(indices: Tensor, sizes: Sequence[int] | int) -> Tensor:
+    """Negative indices count from the end of their axis (`sizes`: one size, or one per index in the last axis)."""
+    size = torch.as_tensor(sizes, dtype=indices.dtype, device=indices.device)
+    return torch.where(indices < 0, indices + size, indices)
+
+
+def _gather_elements(ctx: OpContext, x: Tensor, indices: Tensor) -> Tensor:
+    axis = _axis(ctx.attrs["axis"], x.dim())
+    return torch.gather(x, axis, _positive(indices, x.shape[axis]))
+
+
+def _gather_nd(ctx: OpContext, x: Tensor, indices: Tensor) -> Tensor:
+    """Each row of the last index axis (length m) picks x[b..., i1, ..., im] (a cell or a slice). The first
+    batch_dims axes of x and indices are paired, not indexed: they become one leading axis of rows."""
+    batch_dims = ctx.attrs.get("batch_dims", 0)
+    m = indices.shape[-1]
+    rows = math.prod(x.shape[:batch_dims])
+    per_row = math.prod(indices.shape[batch_dims:-1])
+    flat = x.reshape(rows, *x.shape[batch_dims:])
+    index = _positive(indices.reshape(rows, per_row, m), list(x.shape[batch_dims:batch_dims + m]))
+    row = torch.arange(rows, device=index.device).unsqueeze(1)
+    picked = flat[(row, *index.unbind(-1))]  # (rows, per_row, *slice shape)
+    return picked.reshape((*indices.shape[:-1], *x.shape[batch_dims + m:]))  # a tuple: () is a valid shape
+
+
+_SCATTER_REDUCE = {"add": "sum", "mul": "prod", "max": "amax", "min": "amin"}
+
+
+def _check_scatter(ctx: OpContext) -> None:
+    _check_choice(ctx, "reduction", ["none", *_SCATTER_REDUCE])
+
+
+def _scatter_elements(ctx: OpContext, x: Tensor, indices: Tensor, updates: Tensor) -> Tensor:
+    axis = _axis(ctx.attrs["axis"], x.dim())
+    indices = _positive(indices, x.shape[axis])
+    reduction = ctx.attrs.get("reduction", "none")
+    if reduction == "none":
+        return x.scatter(axis, indices, updates)
+    return x.scatter_reduce(axis, indices, updates, _SCATTER_REDUCE[reduction], include_self=True)
+
+
+def _scatter_nd(ctx: OpContext, x: Tensor, indices: Tensor, updates: Tensor) -> Tensor:
+    """Each row of the last index axis (length m) addresses a cell or slice of x; updates hold one per row. Runs as
+    index_copy / index_add / scatter_reduce on x viewed as (cells of the first m axes, *slice shape)."""
+    m = indices.shape[-1]
+    lead, tail = list(x.shape[:m]), list(x.shape[m:])
+    count = math.prod(indices.shape[:-1])
+    index = _positive(indices.reshape(count, m), lead)
+    strides = torch.tensor([math.prod(lead[i + 1:]) for i in range(m)], dtype=torch.int64, device=index.device)
+    cells = (index * strides).sum(1)
+    flat, updates = x.reshape(math.prod(lead), *tail), updates.reshape(count, *tail)
+    reduction = ctx.attrs.get("reduction", "none")
+    if reduction == "none":
+        out = flat.index_copy(0, cells, updates)
+    elif reduction == "add":
+        out = flat.index_add(0, cells, updates)
+    else:
+        cells = cells.reshape(-1, *[1] * len(tail)).expand_as(updates)
+        out = flat.scatter_reduce(0, cells, updates, _SCATTER_REDUCE[reduction], include_self=True)
+    return out.reshape(x.shape)
+
+
+def _one_hot(ctx: OpContext, indices: Tensor, depth: Tensor, values: Tensor) -> Tensor:
+    """values = [off, on]; `axis` is the new axis's position in the output. Indices outside [-depth, depth) give a
+    row of `off` values."""
+    size = int(_floats(depth)[0])
+    axis = _axis(ctx.attrs["axis"], indices.dim() + 1)
+    index = _positive(indices.long(), size)  # float indices truncate, as ONNX Runtime casts them
+    classes = torch.arange(size, device=index.device).reshape(size, *[1] * (indices.dim() - axis))
+    hit = (index.unsqueeze(axis) == classes).to(values.device)
+    return torch.where(hit, values[1], values[0])
+
+
+def _trilu(ctx: OpContext, x: Tensor, k: Tensor | None = None) -> Tensor:
+    diagonal = _ints(k)[0] if k is not None and k.numel() else 0
+    return torch.triu(x, diagonal) if ctx.attrs["upper"] else torch.tril(x, diagonal)
 
 
 def _expand(ctx: OpContext, x: Tensor, shape: Tensor) -> Tensor:
@@ -988,6 +1240,22 @@ def _upsample_attr(ctx: OpContext, x: Tensor) -> Tensor:
     return _resize(x, full, _sizes_from_scales(x.shape, full), _interpolation(ctx), False)
 
 
+_GRID_MODES = {"bilinear": "bilinear", "linear": "bilinear", "nearest": "nearest", "bicubic": "bicubic",
+               "cubic": "bicubic"}  # opset 16 names, then opset 20's
+
+
+def _grid_sample(ctx: OpContext, x: Tensor, grid: Tensor) -> Tensor:
+    """F.grid_sample is the operator ONNX copied: the same modes, padding modes and align_corners (torch supports
+    cubic on 4-D inputs only)."""
+    return F.grid_sample(x, grid, mode=_GRID_MODES[ctx.attrs["mode"]], padding_mode=ctx.attrs["padding_mode"],
+                         align_corners=bool(ctx.attrs["align_corners"]))
+
+
+def _check_grid_sample(ctx: OpContext) -> None:
+    _check_choice(ctx, "mode", list(_GRID_MODES))
+    _check_choice(ctx, "padding_mode", ["zeros", "border", "reflection"])
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # The table
 # ---------------------------------------------------------------------------------------------------------------------
@@ -1015,53 +1283,87 @@ OP_TABLE: Mapping[str, tuple[OpImpl, ...]] = {
     "Max": _one(_variadic(torch.maximum)),
     "Mean": _one(_mean),
     "Min": _one(_variadic(torch.minimum)),
+    "Mod": (_op(10, _mod),),
     "Mul": _one(_binary(torch.mul)),
     "Neg": _one(_unary(torch.neg)),
     "Pow": _one(_pow),
     "Reciprocal": _one(_unary(torch.reciprocal)),
+    "Round": (_op(11, _unary(torch.round)),),  # both round half to even
+    "Sign": (_op(9, _unary(torch.sign)),),
     "Sqrt": _one(_unary(torch.sqrt)),
     "Sub": _one(_binary(torch.sub)),
     "Sum": _one(_variadic(torch.add)),
+    # trigonometry (positional encodings)
+    "Acos": (_op(7, _unary(torch.acos)),),
+    "Asin": (_op(7, _unary(torch.asin)),),
+    "Atan": (_op(7, _unary(torch.atan)),),
+    "Cos": (_op(7, _unary(torch.cos)),),
+    "Sin": (_op(7, _unary(torch.sin)),),
+    "Tan": (_op(7, _unary(torch.tan)),),
     # logic
     "And": _one(_binary(torch.logical_and)),
     "Equal": _one(_binary(torch.eq)),
     "Greater": _one(_binary(torch.gt)),
+    "GreaterOrEqual": (_op(12, _binary(torch.ge)),),
+    "IsInf": (_op(10, _is_inf),),
+    "IsNaN": (_op(9, _unary(torch.isnan)),),
     "Less": _one(_binary(torch.lt)),
+    "LessOrEqual": (_op(12, _binary(torch.le)),),
     "Not": _one(_unary(torch.logical_not)),
+    "Or": _one(_binary(torch.logical_or)),
     "Where": _one(_where),
+    "Xor": _one(_binary(torch.logical_xor)),
     # activations
+    "Celu": (_op(12, _celu),),
     "Clip": (_op(1, _clip_attrs), _op(11, _clip_inputs)),
     "Elu": _one(_elu),
     "Gelu": (_op(20, _gelu, validate=lambda ctx: _check_choice(ctx, "approximate", ["none", "tanh"])),),
     "HardSigmoid": _one(_hard_sigmoid),
     "HardSwish": (_op(14, _unary(F.hardswish)),),
     "LeakyRelu": _one(_leaky_relu),
+    "Mish": (_op(18, _unary(F.mish)),),
     "PRelu": _one(_prelu),
     "Relu": _one(_unary(torch.relu)),
     "Selu": _one(_selu),
+    "Shrink": (_op(9, _shrink),),
     "Sigmoid": _one(_unary(torch.sigmoid)),
     "Softplus": _one(_unary(F.softplus)),
+    "Softsign": _one(_unary(F.softsign)),
     "Tanh": _one(_unary(torch.tanh)),
+    "ThresholdedRelu": (_op(10, _thresholded_relu),),
     # convolution, normalisation, dense
     "BatchNormalization": (_op(1, _batch_norm, validate=_check_batch_norm),),
     "Conv": _one(_conv, validate=_check_auto_pad),
     "ConvTranspose": _one(_conv_transpose, validate=_check_auto_pad),
+    "Einsum": (_op(12, _einsum),),
     "Gemm": _one(_gemm),
+    "GroupNormalization": (_op(18, _group_norm(per_channel=False)), _op(21, _group_norm(per_channel=True))),
     "InstanceNormalization": _one(_instance_norm),
+    "LayerNormalization": (_op(17, _layer_norm, outputs=3),),
     "MatMul": _one(_binary(torch.matmul)),
     # pooling
     "AveragePool": _one(_average_pool, validate=_check_pool),
     "GlobalAveragePool": _one(_global_average_pool),
     "GlobalMaxPool": _one(_global_max_pool),
-    "MaxPool": _one(_max_pool, validate=_check_pool),
-    # reductions, softmax, argmax
-    "ArgMax": _one(_argmax),
+    "MaxPool": (_op(1, _max_pool, outputs=2, validate=_check_pool),),
+    "MaxUnpool": (_op(9, _max_unpool, host=[2], validate=_check_pool),),
+    # reductions, scans, softmax, argmax, top-k
+    "ArgMax": _one(_arg_extreme(torch.argmax)),
+    "ArgMin": _one(_arg_extreme(torch.argmin)),
+    "CumSum": (_op(11, _cumsum, host=[1]),),
     "LogSoftmax": (_op(1, _softmax_flat(torch.log_softmax)), _op(13, _softmax_axis(torch.log_softmax))),
-    "ReduceMax": (_op(1, _reduce_attr(torch.amax)), _op(18, _reduce_input(torch.amax), host=[1])),
-    "ReduceMean": (_op(1, _reduce_attr(torch.mean)), _op(18, _reduce_input(torch.mean), host=[1])),
-    "ReduceMin": (_op(1, _reduce_attr(torch.amin)), _op(18, _reduce_input(torch.amin), host=[1])),
-    "ReduceSum": (_op(1, _reduce_attr(torch.sum)), _op(13, _reduce_input(torch.sum), host=[1])),
+    "ReduceL1": _reductions(_l1),
+    "ReduceL2": _reductions(_l2),
+    "ReduceLogSum": _reductions(_log_sum),
+    "ReduceLogSumExp": _reductions(torch.logsumexp),
+    "ReduceMax": _reductions(torch.amax),
+    "ReduceMean": _reductions(torch.mean),
+    "ReduceMin": _reductions(torch.amin),
+    "ReduceProd": _reductions(_prod),
+    "ReduceSum": _reductions(torch.sum, input_since=13),
+    "ReduceSumSquare": _reductions(_sum_square),
     "Softmax": (_op(1, _softmax_flat(torch.softmax)), _op(13, _softmax_axis(torch.softmax))),
+    "TopK": (_op(1, _top_k_attr, outputs=2), _op(10, _top_k, host=[1], outputs=2)),
     # shapes, indexing, data movement
     "Cast": _one(_cast, validate=_check_cast),
     "CastLike": (_op(15, _cast_like),),
@@ -1073,10 +1375,15 @@ OP_TABLE: Mapping[str, tuple[OpImpl, ...]] = {
     "Expand": _one(_expand, host=[1]),
     "Flatten": _one(_flatten),
     "Gather": _one(_gather),
+    "GatherElements": (_op(11, _gather_elements),),
+    "GatherND": (_op(11, _gather_nd),),
     "Identity": _one(_identity),
+    "OneHot": (_op(9, _one_hot, host=[1]),),
     "Pad": (_op(1, _pad_attr, validate=_check_pad), _op(11, _pad, host=[1, 2, 3], validate=_check_pad)),
     "Range": _one(_range, host=[0, 1, 2]),
     "Reshape": (_op(1, _reshape_attr), _op(5, _reshape, host=[1])),
+    "ScatterElements": (_op(11, _scatter_elements, validate=_check_scatter),),
+    "ScatterND": (_op(11, _scatter_nd, validate=_check_scatter),),
     "Shape": _one(_shape),
     "Size": _one(_size),
     "Slice": (_op(1, _slice_attr), _op(10, _slice, host=[1, 2, 3, 4])),
@@ -1085,8 +1392,10 @@ OP_TABLE: Mapping[str, tuple[OpImpl, ...]] = {
     "Squeeze": (_op(1, _squeeze_attr), _op(13, _squeeze, host=[1])),
     "Tile": _one(_tile, host=[1]),
     "Transpose": _one(_transpose),
+    "Trilu": (_op(14, _trilu, host=[1]),),
     "Unsqueeze": (_op(1, _unsqueeze_attr), _op(13, _unsqueeze, host=[1])),
     # resampling
+    "GridSample": (_op(16, _grid_sample, validate=_check_grid_sample),),
     "Resize": (_op(10, _resize_10, host=[1], validate=_check_resize),
                _op(11, _resize_11, host=[1, 2, 3], validate=_check_resize)),
     "Upsample": (_op(7, _upsample_attr, validate=_check_resize),

@@ -9,6 +9,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
+import torch.nn.functional as F
 from helpers_onnx import OpCase, assert_close_to_ort, make_model, run_ort
 from onnx import TensorProto, helper, numpy_helper
 
@@ -44,8 +45,11 @@ X_POS = _rand(2, 3, 4, low=0.1, high=3.0)
 def elementwise_cases() -> list[OpCase]:
     x = _rand(2, 3, 4)
     cases = [OpCase(op, op, ["x"], {"x": x}) for op in
-             ["Relu", "Sigmoid", "Tanh", "Exp", "Neg", "Abs", "Erf", "Floor", "Ceil", "Softplus", "Identity"]]
+             ["Relu", "Sigmoid", "Tanh", "Exp", "Neg", "Abs", "Erf", "Floor", "Ceil", "Softplus", "Identity",
+              "Sin", "Cos", "Tan", "Atan", "Sign", "Softsign"]]
     cases += [OpCase(op, op, ["x"], {"x": X_POS}) for op in ["Log", "Sqrt", "Reciprocal"]]
+    cases += [OpCase(op, op, ["x"], {"x": x / 2.5}) for op in ["Asin", "Acos"]]
+    special = _f32(np.inf, -np.inf, np.nan, 0, -1.5, 2)
     cases += [
         OpCase("HardSwish", "HardSwish", ["x"], {"x": x * 3}, opset=14),
         OpCase("LeakyRelu-default", "LeakyRelu", ["x"], {"x": x}),
@@ -63,6 +67,16 @@ def elementwise_cases() -> list[OpCase]:
         OpCase("Clip-13-max-only", "Clip", ["x", "", "hi"], {"x": x}, {"hi": _f32(0.2)[0]}, opset=13),
         OpCase("Clip-13-none", "Clip", ["x"], {"x": x}, opset=13),
         OpCase("Not", "Not", ["b"], {"b": x > 0}),
+        OpCase("Round-half-to-even", "Round", ["x"], {"x": _f32(-2.5, -1.5, -0.5, 0.5, 1.5, 2.5, 1.2, -3.7)}, opset=11),
+        OpCase("Mish", "Mish", ["x"], {"x": x * 3}, opset=18),
+        OpCase("Celu", "Celu", ["x"], {"x": x}, attrs={"alpha": 0.7}, opset=12),
+        OpCase("ThresholdedRelu", "ThresholdedRelu", ["x"], {"x": x}, attrs={"alpha": 0.5}, opset=10),
+        OpCase("Shrink-default", "Shrink", ["x"], {"x": x}, opset=9),
+        OpCase("Shrink-bias", "Shrink", ["x"], {"x": x}, attrs={"lambd": 0.7, "bias": 0.2}, opset=9),
+        OpCase("IsNaN", "IsNaN", ["x"], {"x": special}, opset=13),
+        OpCase("IsInf-both", "IsInf", ["x"], {"x": special}, opset=10),
+        OpCase("IsInf-positive", "IsInf", ["x"], {"x": special}, attrs={"detect_negative": 0}, opset=10),
+        OpCase("IsInf-negative", "IsInf", ["x"], {"x": special}, attrs={"detect_positive": 0}, opset=10),
     ]
     return cases
 
@@ -79,6 +93,13 @@ def binary_cases() -> list[OpCase]:
         OpCase("Greater", "Greater", ["a", "b"], {"a": a, "b": b}),
         OpCase("Less", "Less", ["a", "b"], {"a": a, "b": b}),
         OpCase("And", "And", ["a", "b"], {"a": a > 0, "b": b > -1}),
+        OpCase("Or", "Or", ["a", "b"], {"a": a > 0, "b": b > 1}),
+        OpCase("Xor", "Xor", ["a", "b"], {"a": a > 0, "b": b > 0}),
+        OpCase("GreaterOrEqual", "GreaterOrEqual", ["a", "b"], {"a": ints_a, "b": ints_b}, opset=12),
+        OpCase("LessOrEqual", "LessOrEqual", ["a", "b"], {"a": a, "b": np.round(b)}, opset=16),
+        OpCase("Mod-int-sign-of-divisor", "Mod", ["a", "b"], {"a": ints_a, "b": ints_b}, opset=13),
+        OpCase("Mod-fmod-float", "Mod", ["a", "b"], {"a": a * 3, "b": b}, attrs={"fmod": 1}, opset=13),
+        OpCase("Mod-fmod-int", "Mod", ["a", "b"], {"a": ints_a, "b": ints_b}, attrs={"fmod": 1}, opset=10),
         OpCase("Where", "Where", ["c", "a", "b"], {"c": a > 0, "a": a, "b": b}),
         OpCase("MatMul-2d", "MatMul", ["a", "b"], {"a": _rand(3, 4)}, {"b": _rand(4, 5, seed=4)}),
         OpCase("MatMul-batched", "MatMul", ["a", "b"], {"a": _rand(2, 3, 4)}, {"b": _rand(4, 2, seed=4)}),
@@ -93,6 +114,17 @@ def binary_cases() -> list[OpCase]:
         cases.append(OpCase(f"{op}-variadic", op, ["a", "b", "c"],
                             {"a": a, "b": b, "c": _rand(4, seed=7)}))
     cases.append(OpCase("Max-single", "Max", ["a"], {"a": a}))
+    q, k = _rand(2, 4, 6, seed=8), _rand(2, 4, 5, seed=9)
+    cases += [
+        OpCase("Einsum-attention", "Einsum", ["q", "k"], {"q": q, "k": k}, {}, {"equation": "bcn,bcm->bnm"}, 12),
+        OpCase("Einsum-implicit-output", "Einsum", ["a", "b"], {"a": _rand(3, 4)}, {"b": _rand(4, 2, seed=3)},
+               attrs={"equation": "ij,jk"}, opset=12),
+        OpCase("Einsum-ellipsis-spaces", "Einsum", ["x"], {"x": _rand(2, 3, 4, 5)}, {},
+               {"equation": "...ij -> ...ji"}, 12),
+        OpCase("Einsum-reduce-three-operands", "Einsum", ["a", "b", "c"],
+               {"a": _rand(2, 3), "b": _rand(3, 4, seed=1), "c": _rand(4, seed=2)}, attrs={"equation": "ij,jk,k->i"},
+               opset=12),
+    ]
     return cases
 
 
@@ -138,6 +170,21 @@ def conv_cases() -> list[OpCase]:
     ]
     cases.append(OpCase("InstanceNormalization", "InstanceNormalization", ["x", "s", "b"], {"x": X4},
                         {"s": stats["s"], "b": stats["b"]}, {"epsilon": 1e-4}))
+    channels_last = X4.transpose(0, 2, 3, 1)  # nn.LayerNorm over channels, as exported after a permute
+    cases += [
+        OpCase("LayerNormalization-last-axis", "LayerNormalization", ["x", "s", "b"], {"x": channels_last},
+               {"s": stats["s"], "b": stats["b"]}, opset=17),
+        OpCase("LayerNormalization-axis1-no-bias", "LayerNormalization", ["x", "s"], {"x": X4},
+               {"s": _rand(4, 5, 6, seed=5)}, {"axis": 1, "epsilon": 1e-3}, opset=17),
+        OpCase("LayerNormalization-broadcast-scale", "LayerNormalization", ["x", "s", "b"], {"x": X4},
+               {"s": _rand(6, seed=5), "b": _rand(1, 6, seed=6)}, {"axis": -2}, opset=17),
+        OpCase("LayerNormalization-statistics", "LayerNormalization", ["x", "s", "b"], {"x": X4},
+               {"s": _rand(6, seed=5), "b": _rand(6, seed=6)}, opset=17, outputs=3),
+        OpCase("GroupNormalization-18-per-group", "GroupNormalization", ["x", "s", "b"], {"x": X4},
+               {"s": _rand(2, seed=5), "b": _rand(2, seed=6)}, {"num_groups": 2, "epsilon": 1e-3}, opset=18),
+        OpCase("GroupNormalization-21-per-channel", "GroupNormalization", ["x", "s", "b"], {"x": X4},
+               {"s": stats["s"], "b": stats["b"]}, {"num_groups": 2}, opset=21),
+    ]
     return cases
 
 
@@ -162,6 +209,14 @@ def pool_cases() -> list[OpCase]:
         OpCase("MaxPool-opset8", "MaxPool", ["x"], {"x": x}, attrs={"kernel_shape": [2, 2], "strides": [2, 2]},
                opset=8),
         OpCase("MaxPool-1d", "MaxPool", ["x"], {"x": _rand(1, 2, 9)}, attrs={"kernel_shape": [3], "strides": [2]}),
+        OpCase("MaxPool-indices", "MaxPool", ["x"], {"x": _rand(2, 3, 7, 8)}, outputs=2,
+               attrs={"kernel_shape": [3, 3], "strides": [2, 2], "pads": [1, 1, 1, 1]}),
+        OpCase("MaxPool-indices-asymmetric-ceil", "MaxPool", ["x"], {"x": x}, outputs=2,
+               attrs={"kernel_shape": [3, 2], "strides": [2, 2], "pads": [0, 1, 2, 0], "ceil_mode": 1}),
+        OpCase("MaxPool-indices-column-major", "MaxPool", ["x"], {"x": x}, outputs=2,
+               attrs={"kernel_shape": [2, 2], "strides": [2, 2], "storage_order": 1}),
+        OpCase("MaxPool-indices-1d", "MaxPool", ["x"], {"x": _rand(2, 2, 9)}, outputs=2,
+               attrs={"kernel_shape": [3], "strides": [2]}),
         OpCase("AveragePool-plain", "AveragePool", ["x"], {"x": x}, attrs={"kernel_shape": [2, 3], "strides": [2, 2]}),
         OpCase("GlobalAveragePool", "GlobalAveragePool", ["x"], {"x": x}),
         OpCase("GlobalMaxPool", "GlobalMaxPool", ["x"], {"x": x}),
@@ -175,6 +230,17 @@ def pool_cases() -> list[OpCase]:
                             attrs={"kernel_shape": [3, 2], "strides": [2, 2], "auto_pad": auto_pad}))
     cases.append(OpCase("AveragePool-19-dilations", "AveragePool", ["x"], {"x": x}, opset=19,
                         attrs={"kernel_shape": [2, 2], "dilations": [2, 1], "pads": [1, 1, 1, 1]}))
+    # MaxUnpool takes MaxPool's indices: flat over (N, C, H, W) of the pooled input, one per 2x2 window here.
+    pooled = _rand(1, 2, 3, 4, seed=3)
+    row, col = np.meshgrid(np.arange(3) * 2, np.arange(4) * 2, indexing="ij")
+    picks = [(row + r) * 8 + col + c + plane * 48 for plane, (r, c) in enumerate([(0, 1), (1, 0)])]
+    indices = np.stack(picks)[None].astype(np.int64)
+    cases += [
+        OpCase("MaxUnpool", "MaxUnpool", ["x", "i"], {"x": pooled}, {"i": indices},
+               attrs={"kernel_shape": [2, 2], "strides": [2, 2]}, opset=11),
+        OpCase("MaxUnpool-output-shape", "MaxUnpool", ["x", "i", "s"], {"x": pooled},
+               {"i": indices, "s": _i64(1, 2, 7, 8)}, attrs={"kernel_shape": [2, 2], "strides": [2, 2]}, opset=11),
+    ]
     return cases
 
 
@@ -195,6 +261,19 @@ def reduce_cases() -> list[OpCase]:
         OpCase("ReduceSum-13-noop", "ReduceSum", ["x", "axes"], {"x": x}, {"axes": _i64()},
                attrs={"noop_with_empty_axes": 1}, opset=13),
     ]
+    x_pos = np.abs(x) + 0.5  # ReduceLogSum needs positive sums; ReduceProd stays well scaled
+    for op in ["ReduceL1", "ReduceL2", "ReduceLogSum", "ReduceLogSumExp", "ReduceProd", "ReduceSumSquare"]:
+        data = x_pos if op == "ReduceLogSum" else x
+        cases += [
+            OpCase(f"{op}-13-attr", op, ["x"], {"x": data}, attrs={"axes": [1, -1]}, opset=13),
+            OpCase(f"{op}-13-all-keepdims0", op, ["x"], {"x": data}, attrs={"keepdims": 0}, opset=13),
+            OpCase(f"{op}-18-input", op, ["x", "axes"], {"x": data}, {"axes": _i64(-2)}, opset=18),
+            # noop still applies the elementwise part (square, log, abs)
+            OpCase(f"{op}-18-noop", op, ["x"], {"x": data}, attrs={"noop_with_empty_axes": 1}, opset=18),
+        ]
+    cases.append(OpCase("ReduceL2-zero-slice", "ReduceL2", ["x"], {"x": np.zeros((2, 3), np.float32)},
+                        attrs={"axes": [1]}, opset=13))
+    cases.append(OpCase("ReduceSumSquare-scalar", "ReduceSumSquare", ["x"], {"x": _f32(-1.5).reshape(())}, opset=18))
     for op, opset, axis in itertools.product(["Softmax", "LogSoftmax"], [11, 13], [1, -1]):
         cases.append(OpCase(f"{op}-{opset}-axis{axis}", op, ["x"], {"x": x}, attrs={"axis": axis}, opset=opset))
     ties = np.array([[1, 3, 3, 0], [2, 2, 1, 2]], dtype=np.float32)
@@ -203,6 +282,23 @@ def reduce_cases() -> list[OpCase]:
         OpCase("ArgMax-noKeep-negative-axis", "ArgMax", ["x"], {"x": x}, attrs={"axis": -1, "keepdims": 0}),
         OpCase("ArgMax-ties-first", "ArgMax", ["x"], {"x": ties}, attrs={"axis": 1}),
         OpCase("ArgMax-ties-last", "ArgMax", ["x"], {"x": ties}, attrs={"axis": 1, "select_last_index": 1}),
+        OpCase("ArgMin-keepdims", "ArgMin", ["x"], {"x": x}, attrs={"axis": 2}),
+        OpCase("ArgMin-ties-first", "ArgMin", ["x"], {"x": ties}, attrs={"axis": 1, "keepdims": 0}),
+        OpCase("ArgMin-ties-last", "ArgMin", ["x"], {"x": ties}, attrs={"axis": -1, "select_last_index": 1}),
+    ]
+    for exclusive, reverse in itertools.product([0, 1], [0, 1]):
+        cases.append(OpCase(f"CumSum-exclusive{exclusive}-reverse{reverse}", "CumSum", ["x", "a"], {"x": x},
+                            {"a": np.array(2, np.int64)}, {"exclusive": exclusive, "reverse": reverse}, opset=14))
+    cases.append(OpCase("CumSum-int-negative-axis", "CumSum", ["x", "a"], {"x": _i64(3, -1, 4, 1, -5, 9).reshape(2, 3)},
+                        {"a": _i64(-1)}, opset=11))
+    cases += [
+        OpCase("TopK-1-attr", "TopK", ["x"], {"x": x}, attrs={"k": 2, "axis": 1}, opset=1, outputs=2),
+        OpCase("TopK-10-input", "TopK", ["x", "k"], {"x": x}, {"k": _i64(3)}, opset=10, outputs=2),
+        OpCase("TopK-11-smallest", "TopK", ["x", "k"], {"x": x}, {"k": _i64(2)}, attrs={"largest": 0, "axis": -2},
+               opset=11, outputs=2),
+        OpCase("TopK-11-ties-lower-index-first", "TopK", ["x", "k"], {"x": ties}, {"k": _i64(3)}, opset=11, outputs=2),
+        OpCase("TopK-11-smallest-ties", "TopK", ["x", "k"], {"x": ties}, {"k": _i64(3)}, attrs={"largest": 0},
+               opset=11, outputs=2),
     ]
     return cases
 
@@ -367,8 +463,77 @@ def resize_cases() -> list[OpCase]:
     return cases
 
 
+def indexing_cases() -> list[OpCase]:
+    """GatherND / ScatterND and friends: how the dynamo exporter writes adaptive pooling with uneven windows,
+    in-place index assignment and max_unpool."""
+    x = _rand(2, 3, 4, 5)
+    along_1 = np.array([[[[0, 2, -1, 1, 0]] * 4, [[1, 1, 0, -3, 2]] * 4]], np.int64)  # (1, 2, 4, 5) on axis 1
+    repeated = np.abs(along_1) % 2  # two updates land on the same cell in some columns
+    # Adaptive pooling 4x5 -> 3x2 as the dynamo exporter writes it: for each output cell, the (row, col) of every cell
+    # of its 2x3 window, gathered from the input transposed to (H, W, N, C).
+    rows, cols = [[0, 1], [1, 2], [2, 3]], [[0, 1, 2], [2, 3, 4]]
+    windows = np.array([[[[(r, c) for c in cw] for r in rw] for cw in cols] for rw in rows], np.int64)
+    cases = [
+        OpCase("GatherElements-negative", "GatherElements", ["x", "i"], {"x": x}, {"i": along_1}, {"axis": 1}),
+        OpCase("GatherElements-last-axis", "GatherElements", ["x", "i"], {"x": _rand(3, 4)},
+               {"i": _i64(3, 0, -1, 1, 1, 2).reshape(3, 2)}, {"axis": -1}),
+        OpCase("GatherND-cells", "GatherND", ["x", "i"], {"x": x}, {"i": _i64(0, 1, 3, 4, 1, -1, 0, 2).reshape(2, 4)}),
+        OpCase("GatherND-slices", "GatherND", ["x", "i"], {"x": x}, {"i": _i64(1, 2, 0, -3, 1, 1).reshape(3, 1, 2)}),
+        OpCase("GatherND-pooling-windows", "GatherND", ["x", "i"], {"x": x.transpose(2, 3, 0, 1)}, {"i": windows}),
+        OpCase("GatherND-batch-dims", "GatherND", ["x", "i"], {"x": x},
+               {"i": _i64(1, 3, 2, 0, -1, -1).reshape(2, 1, 3)}, {"batch_dims": 1}, opset=12),
+        OpCase("GatherND-batch-dims-2", "GatherND", ["x", "i"], {"x": x},
+               {"i": np.arange(12, dtype=np.int64).reshape(2, 3, 2, 1) % 4}, {"batch_dims": 2}, opset=13),
+        OpCase("GatherND-int", "GatherND", ["x", "i"], {"x": _i64(4, 5, 6, 7).reshape(2, 2)}, {"i": _i64(1, 0)}),
+        OpCase("ScatterElements-none", "ScatterElements", ["x", "i", "u"], {"x": x, "u": _rand(1, 2, 4, 5, seed=2)},
+               {"i": along_1}, {"axis": 1}, opset=13),
+        OpCase("ScatterElements-negative-index", "ScatterElements", ["x", "i", "u"],
+               {"x": _rand(3, 4), "u": _rand(3, 1, seed=2)}, {"i": _i64(-1, 0, -4).reshape(3, 1)}, {"axis": 1},
+               opset=11),
+    ]
+    for reduction, opset in [("add", 16), ("mul", 16), ("max", 18), ("min", 18)]:  # repeated indices accumulate
+        cases.append(OpCase(f"ScatterElements-{reduction}", "ScatterElements", ["x", "i", "u"],
+                            {"x": x, "u": _rand(1, 2, 4, 5, seed=2)}, {"i": repeated},
+                            {"axis": 1, "reduction": reduction}, opset))
+        cases.append(OpCase(f"ScatterND-{reduction}", "ScatterND", ["x", "i", "u"],
+                            {"x": x, "u": _rand(3, 4, 5, seed=2)}, {"i": _i64(1, 0, 0, 2, 1, 0).reshape(3, 2)},
+                            {"reduction": reduction}, opset))
+    cases += [
+        OpCase("ScatterND-cells", "ScatterND", ["x", "i", "u"], {"x": x, "u": _rand(3, seed=2)},
+               {"i": _i64(0, 1, 2, 3, 1, 2, 0, 0, 1, -1, -2, -1).reshape(3, 4)}),
+        OpCase("ScatterND-slices", "ScatterND", ["x", "i", "u"], {"x": x, "u": _rand(2, 2, 4, 5, seed=2)},
+               {"i": _i64(1, 0, 0, 2, 1, 1, 0, 1).reshape(2, 2, 2)}, opset=13),
+        OpCase("ScatterND-int", "ScatterND", ["x", "i", "u"], {"x": _i64(1, 2, 3, 4), "u": _i64(9, 8)},
+               {"i": _i64(3, 0).reshape(2, 1)}),
+        OpCase("OneHot-last-axis", "OneHot", ["i", "d", "v"], {"i": _i64(0, 3, -1, 5, 2, -5).reshape(2, 3)},
+               {"d": _i64(4), "v": _f32(-1, 2)}, opset=11),
+        OpCase("OneHot-float-channel-axis", "OneHot", ["i", "d", "v"], {"i": _f32(0, 2, 1, 1).reshape(1, 2, 2)},
+               {"d": np.array(3.0, np.float32), "v": _f32(0, 1)}, {"axis": 1}, opset=11),
+        OpCase("Trilu-upper", "Trilu", ["x"], {"x": _rand(2, 4, 5)}, opset=14),
+        OpCase("Trilu-lower-k", "Trilu", ["x", "k"], {"x": _rand(2, 4, 5)}, {"k": np.array(-1, np.int64)},
+               {"upper": 0}, opset=14),
+        OpCase("Trilu-upper-k", "Trilu", ["x", "k"], {"x": _rand(5, 3)}, {"k": np.array(2, np.int64)}, opset=14),
+    ]
+    return cases
+
+
+def grid_sample_cases() -> list[OpCase]:
+    x = _rand(2, 3, 5, 6, seed=13)
+    grid = _rand(2, 4, 7, 2, seed=14, low=-1.3, high=1.3)  # some points outside [-1, 1]: padding_mode matters
+    cases = []
+    for mode, padding, align in itertools.product(["bilinear", "nearest", "bicubic"], ["zeros", "border", "reflection"],
+                                                  [0, 1]):
+        cases.append(OpCase(f"GridSample-16-{mode}-{padding}-align{align}", "GridSample", ["x", "g"],
+                            {"x": x, "g": grid}, attrs={"mode": mode, "padding_mode": padding, "align_corners": align},
+                            opset=16))
+    for mode in ["linear", "nearest", "cubic"]:
+        cases.append(OpCase(f"GridSample-20-{mode}", "GridSample", ["x", "g"], {"x": x, "g": grid},
+                            attrs={"mode": mode}, opset=20))
+    return cases
+
+
 GOLDEN = (elementwise_cases() + binary_cases() + conv_cases() + pool_cases() + reduce_cases() + shape_cases()
-          + pad_cases() + constant_cases() + resize_cases())
+          + indexing_cases() + pad_cases() + constant_cases() + resize_cases() + grid_sample_cases())
 
 
 @pytest.mark.parametrize("case", GOLDEN, ids=lambda c: c.id)
@@ -380,7 +545,36 @@ def test_golden_cases_cover_every_supported_op() -> None:
     from disasm.attribution.ops import supported_op_types
 
     assert len({c.id for c in GOLDEN}) == len(GOLDEN), "case ids must be unique"
+    assert set(GRADIENT_CASE_IDS) <= {c.id for c in GOLDEN}
     assert supported_op_types() - {c.op for c in GOLDEN} == set()
+
+
+# One case per op whose float outputs are differentiable, among those added for the exporters' decompositions.
+GRADIENT_CASE_IDS = [
+    "Celu", "Mish", "Shrink-bias", "Softsign", "Atan", "Mod-fmod-float", "Einsum-attention",
+    "LayerNormalization-statistics", "LayerNormalization-broadcast-scale", "GroupNormalization-18-per-group",
+    "CumSum-exclusive1-reverse1", "ReduceL2-13-attr", "ReduceL2-zero-slice", "ReduceProd-13-attr",
+    "ReduceLogSumExp-18-input", "TopK-10-input", "GatherND-pooling-windows", "GatherND-batch-dims",
+    "GatherElements-negative", "ScatterND-slices", "ScatterND-max", "ScatterElements-mul", "Trilu-lower-k",
+    "GridSample-16-bilinear-zeros-align0", "GridSample-16-bicubic-border-align1", "MaxPool-indices-asymmetric-ceil",
+    "MaxUnpool",
+]
+
+
+@pytest.mark.parametrize("case", [c for c in GOLDEN if c.id in GRADIENT_CASE_IDS], ids=lambda c: c.id)
+def test_op_gradients_pass_gradcheck(case: OpCase) -> None:
+    """autograd through the op (float64) agrees with finite differences w.r.t. every float input; the finite
+    values of ReduceL2's gradient at an all-zero slice included."""
+    graph = TorchGraph(case.model(), dtype=torch.float64)
+    feeds = {name: torch.from_numpy(np.asarray(value)) for name, value in case.feeds.items()}
+    names = [name for name, value in feeds.items() if value.is_floating_point()]
+
+    def outputs(*values: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        out = graph.run({**feeds, **dict(zip(names, values))})
+        return tuple(value for value in out.values() if value.is_floating_point())
+
+    args = tuple(feeds[name].double().requires_grad_() for name in names)
+    assert torch.autograd.gradcheck(outputs, args, eps=1e-6, atol=1e-5, fast_mode=True)
 
 
 def test_sparse_constant_is_densified() -> None:
@@ -502,10 +696,10 @@ def _build_net(name: str) -> torch.nn.Module:
     return _randomise_batch_norms(NETS[name]())
 
 
-def _export(model: torch.nn.Module, exporter: str, path: Path) -> onnx.ModelProto:
+def _export(model: torch.nn.Module, exporter: str, path: Path, x: torch.Tensor = NET_INPUT) -> onnx.ModelProto:
     kind, opset = exporter.split("-")
     kwargs = {"dynamo": False, "do_constant_folding": True} if kind == "torchscript" else {"dynamo": True}
-    torch.onnx.export(model, (NET_INPUT,), str(path), input_names=["image"], output_names=["out"],
+    torch.onnx.export(model, (x,), str(path), input_names=["image"], output_names=["out"],
                       opset_version=int(opset), **kwargs)
     return onnx.load(str(path))  # also loads a dynamo export's side .onnx.data file
 
@@ -536,6 +730,115 @@ def test_exported_net_matches_onnxruntime_and_torch(exported, name: str, exporte
     with torch.no_grad():
         ours = TorchGraph(proto).run({"image": NET_INPUT})["out"]
         torch.testing.assert_close(ours, model(NET_INPUT), rtol=1e-4, atol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# What the exporters decompose segmentation decoders into: GatherND (uneven adaptive pooling), Einsum,
+# LayerNormalization, CumSum, ReduceL2, DepthToSpace, ...
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+class PyramidPoolingNet(torch.nn.Module):
+    """PSPNet's pyramid pooling: adaptive average pools of 1, 2, 3, 6 cells on a 13x15 map (3 and 6 divide neither
+    side, so the dynamo exporter writes them as GatherND windows plus ReduceMean; the TorchScript exporter refuses)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = torch.nn.Sequential(*_conv_bn(3, 8, stride=2))
+        self.stem_relu = torch.nn.ReLU()
+        self.stages = torch.nn.ModuleList([
+            torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(size), torch.nn.Conv2d(8, 2, 1), torch.nn.ReLU())
+            for size in (1, 2, 3, 6)
+        ])
+        self.head = torch.nn.Conv2d(16, 4, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem_relu(self.stem(x))
+        pyramid = [F.interpolate(stage(x), size=x.shape[-2:], mode="bilinear", align_corners=False)
+                   for stage in self.stages]
+        return self.head(torch.cat([x, *pyramid], 1))
+
+
+class TransformerDecoderNet(torch.nn.Module):
+    """Patch embedding, LayerNorm over channels (channels-last permute), GELU, einsum attention, GroupNorm, SiLU,
+    hardswish/hardsigmoid, F.normalize, cumsum, a where mask, ConvTranspose with output_padding, PixelShuffle and a
+    bicubic resize back to the input size."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = torch.nn.Conv2d(3, 8, 4, 4)
+        self.norm = torch.nn.LayerNorm(8)
+        self.qkv = torch.nn.Conv2d(8, 24, 1)
+        self.group = torch.nn.GroupNorm(2, 8)
+        self.up = torch.nn.ConvTranspose2d(8, 8, 3, stride=2, padding=1, output_padding=1)
+        self.shuffle = torch.nn.Sequential(torch.nn.Conv2d(8, 16, 1), torch.nn.PixelShuffle(2))
+        self.head = torch.nn.Conv2d(4, 3, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.norm(self.embed(x).permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        q, k, v = self.qkv(F.gelu(h)).flatten(2).chunk(3, dim=1)
+        attention = torch.einsum("bcn,bcm->bnm", q, k).softmax(-1)
+        h = h + torch.einsum("bnm,bcm->bcn", attention, v).reshape(h.shape)
+        h = F.silu(self.group(h)) * F.hardsigmoid(h) + F.hardswish(h)
+        h = F.normalize(h, dim=1) + torch.cumsum(h, dim=2) / h.shape[2]
+        h = torch.where(h > 0, h, 0.1 * h)
+        logits = self.head(self.shuffle(self.up(h)))
+        return F.interpolate(logits, size=x.shape[-2:], mode="bicubic", align_corners=False)
+
+
+DECODER_INPUTS = {"pyramid": torch.from_numpy(_rand(1, 3, 26, 30, seed=15)), "transformer": NET_INPUT}
+
+
+@pytest.fixture(scope="module")
+def decoder_exports(tmp_path_factory: pytest.TempPathFactory):
+    cache: dict[tuple[str, str], tuple[torch.nn.Module, onnx.ModelProto]] = {}
+
+    def get(name: str, exporter: str) -> tuple[torch.nn.Module, onnx.ModelProto]:
+        if (name, exporter) not in cache:
+            torch.manual_seed(0)
+            model = _randomise_batch_norms(PyramidPoolingNet() if name == "pyramid" else TransformerDecoderNet())
+            path = tmp_path_factory.mktemp(f"{name}-{exporter}") / "model.onnx"
+            cache[name, exporter] = model, _export(model, exporter, path, DECODER_INPUTS[name])
+        return cache[name, exporter]
+
+    return get
+
+
+def _check_export_and_gradient(model: torch.nn.Module, proto: onnx.ModelProto, x: torch.Tensor,
+                               capture: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The interpreter equals ONNX Runtime and the torch module, and d(weighted output)/d(captured tensor) is finite
+    and non-zero. Returns that gradient and the output weights."""
+    assert_close_to_ort(proto, {"image": x.numpy()})
+    out = TorchGraph(proto).run({"image": x}, capture=[capture])
+    torch.testing.assert_close(out["out"].detach(), model(x).detach(), rtol=1e-4, atol=1e-4)
+    weights = torch.from_numpy(_rand(*out["out"].shape, seed=16))
+    (grad,) = torch.autograd.grad((out["out"] * weights).sum(), [out[capture]])
+    assert torch.isfinite(grad).all() and grad.abs().sum() > 0
+    return grad, weights
+
+
+def test_pyramid_pooling_dynamo_export_runs_gathernd_with_gradients(decoder_exports) -> None:
+    model, proto = decoder_exports("pyramid", "dynamo-18")
+    assert "GatherND" in {n.op_type for n in proto.graph.node}
+    x = DECODER_INPUTS["pyramid"]
+    relu = next(n.output[0] for n in proto.graph.node if n.op_type == "Relu")  # the stem, before every pool
+    ours, weights = _check_export_and_gradient(model, proto, x, relu)
+    seen = {}
+    handle = model.stem_relu.register_forward_hook(lambda m, i, o: seen.setdefault("act", o))
+    try:
+        (theirs,) = torch.autograd.grad((model(x) * weights).sum(), [seen["act"]])
+    finally:
+        handle.remove()
+    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("exporter", ["torchscript-17", "dynamo-18"])
+def test_transformer_decoder_export_matches_onnxruntime_with_gradients(decoder_exports, exporter: str) -> None:
+    model, proto = decoder_exports("transformer", exporter)
+    ops = {n.op_type for n in proto.graph.node}
+    assert {"Einsum", "LayerNormalization", "CumSum", "ReduceL2", "DepthToSpace", "ConvTranspose"} <= ops
+    norm = next(n.output[0] for n in proto.graph.node if n.op_type == "LayerNormalization")
+    _check_export_and_gradient(model, proto, DECODER_INPUTS["transformer"], norm)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
