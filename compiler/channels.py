@@ -34,7 +34,7 @@ UNARY = {"Relu", "LeakyRelu", "Sigmoid", "HardSigmoid", "HardSwish", "Tanh", "El
          "Log", "Sqrt", "Neg", "Abs", "Reciprocal", "Erf", "Gelu", "Identity", "Dropout", "Cast", "Floor", "Ceil", "Round",
          "Sin", "Cos", "Mish", "ThresholdedRelu", "Celu", "Clip", "Sign"}
 # Ops that work on spatial axes only (checked per op where an attribute could touch channels).
-SPATIAL = {"MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "LpPool", "GlobalLpPool", "Upsample", "Resize",
+SPATIAL = {"MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "Upsample", "Resize",
            "Pad", "ReduceMean", "ReduceMax", "ReduceMin", "ReduceSum", "ReduceL2", "ReduceL1", "ReduceLogSumExp",
            "ReduceSumSquare", "ReduceProd", "DepthToSpace", "SpaceToDepth"}
 ELEMENTWISE = {"Add", "Sub", "Mul", "Div", "Pow", "Max", "Min", "Sum", "Mean", "PRelu", "Where"}
@@ -133,11 +133,18 @@ class ChannelAnalysis:
 
 
 class _Roots:
-    """Union-find over root channel spaces, with sizes and block reasons."""
+    """Union-find over root channel spaces, with sizes and block reasons.
+
+    A root can be *split* into consecutive child roots when only part of it must be unified with something else (a
+    residual add of a concat with one conv, the groups of a grouped conv, a channel shuffle). A split root is no
+    longer a channel space of its own: its channels are those of its children (see `leaves`), which inherit its
+    producers and block reasons. Layouts keep their segments in the coordinates of the root they were made with and
+    are resolved to the live roots (`leaves`) when they are compared and at the end of the analysis."""
 
     def __init__(self) -> None:
         self.parent: list[int] = []
         self.size: list[int] = []
+        self.parts: dict[int, list[int]] = {}  # split representative -> its consecutive child roots
         self.reasons: dict[int, list[str]] = {}
         self.producers: dict[int, list[str]] = {}
 
@@ -157,18 +164,48 @@ class _Roots:
         return r
 
     def union(self, a: int, b: int) -> None:
+        """Merge two live roots of equal size (callers pass `leaves`)."""
         a, b = self.find(a), self.find(b)
         if a == b:
             return
         lo, hi = min(a, b), max(a, b)  # the earlier root stays the representative: deterministic group order
         self.parent[hi] = lo
-        self.reasons.setdefault(lo, []).extend(self.reasons.pop(hi, []))
-        self.producers[lo].extend(self.producers.pop(hi))
+        for reason in self.reasons.pop(hi, []):
+            if reason not in self.reasons.setdefault(lo, []):
+                self.reasons[lo].append(reason)
+        for producer in self.producers.pop(hi):
+            if producer not in self.producers[lo]:
+                self.producers[lo].append(producer)
 
     def block(self, r: int, reason: str) -> None:
         r = self.find(r)
-        if reason not in self.reasons.setdefault(r, []):
+        for child in self.parts.get(r, []):
+            self.block(child, reason)
+        if r not in self.parts and reason not in self.reasons.setdefault(r, []):
             self.reasons[r].append(reason)
+
+    def leaves(self, seg: Segment) -> list[Segment]:
+        """The live roots holding channels [start, stop) of `seg`'s root, in order."""
+        r = self.find(seg.group)
+        if r not in self.parts:
+            return [Segment(r, seg.start, seg.stop)]
+        out, offset = [], 0
+        for child in self.parts[r]:
+            lo, hi = max(seg.start, offset), min(seg.stop, offset + self.size[child])
+            if lo < hi:
+                out.extend(self.leaves(Segment(child, lo - offset, hi - offset)))
+            offset += self.size[child]
+        return out
+
+    def split(self, r: int, points: list[int]) -> None:
+        """Split the live root `r` at `points` (strictly inside it) into consecutive children."""
+        bounds = [0, *sorted(set(points)), self.size[r]]
+        children = [self.new(hi - lo) for lo, hi in zip(bounds, bounds[1:])]
+        for child in children:
+            self.producers[child] = list(self.producers.get(r, []))
+            if r in self.reasons:
+                self.reasons[child] = list(self.reasons[r])
+        self.parts[r] = children
 
 
 class _Context:
@@ -181,6 +218,20 @@ class _Context:
         self.edits: list[Edit] = []
         self.observed: dict[str, TensorChannels] = {}
         self.shapes: dict[str, _ShapeValue] = {}  # run-time values that depend on a channel count (see _read_shape)
+        self.static: dict[str, np.ndarray | None] = {}  # values computed at run time from static shapes (see value)
+
+    def value(self, t: gs.Tensor) -> np.ndarray | None:
+        """The value of a small tensor where it is known before run time: a constant, or computed only from
+        constants and static dims (run-time "same" padding: Shape -> Gather -> arithmetic -> Pad). Only for
+        checks that need no rewrite (pads, repeats): a value that reads a channel count has its groups blocked
+        where it is used (_shape_computation)."""
+        found = constant_value(t)
+        if found is not None or not t.name or t.name in self.layout:
+            return found
+        if t.name not in self.static:
+            self.static[t.name] = None  # no cycles; a value that cannot be evaluated stays unknown
+            self.static[t.name] = _evaluate_static(self, t)
+        return self.static[t.name]
 
     def block_tensor(self, name: str, reason: str) -> None:
         if name in self.layout:
@@ -197,28 +248,55 @@ class _Context:
         if size is not None:
             self.layout[tensor.name] = TensorChannels(axis, (Segment(self.roots.new(size, blocked=reason), 0, size),))
 
+    def resolve(self, t: TensorChannels) -> TensorChannels:
+        """The layout in live roots, adjacent pieces of one root merged."""
+        segments: list[Segment] = []
+        for s in t.segments:
+            for leaf in self.roots.leaves(s):
+                last = segments[-1] if segments else None
+                if last is not None and last.group == leaf.group and last.stop == leaf.start:
+                    segments[-1] = Segment(leaf.group, last.start, leaf.stop)
+                else:
+                    segments.append(leaf)
+        return TensorChannels(t.axis, tuple(segments))
+
     def unify(self, a: TensorChannels, b: TensorChannels, reason: str) -> bool:
-        """Make two layouts the same channel space. Only whole roots of equal size can be merged; anything else
-        (e.g. a residual add of a concat with a single conv) blocks every root involved."""
+        """Make two layouts the same channel space, position by position. Roots are split where a boundary of one
+        layout falls inside a root of the other, so that whole roots can be merged. Layouts of different sizes or
+        axes cannot be aligned: that blocks every root involved."""
         if a.size != b.size or a.axis != b.axis:
             for s in a.segments + b.segments:
                 self.roots.block(s.group, reason)
             return False
-        cuts = sorted(set(_boundaries(a)) | set(_boundaries(b)))
-        ok = True
-        for lo, hi in zip(cuts, cuts[1:]):
-            sa, sb = _piece(a, lo, hi), _piece(b, lo, hi)
-            same = self.roots.find(sa.group) == self.roots.find(sb.group) and sa.start == sb.start
-            whole = all(s.start == 0 and s.size == self.roots.size[s.group] for s in (sa, sb))
-            if same:
-                continue
-            if whole and sa.size == sb.size:
-                self.roots.union(sa.group, sb.group)
-            else:
-                self.roots.block(sa.group, reason)
-                self.roots.block(sb.group, reason)
-                ok = False
-        return ok
+        while True:
+            ra, rb = self.resolve(a), self.resolve(b)
+            cuts = set(_boundaries(ra)) | set(_boundaries(rb))
+            if not (self._split_at(ra, cuts) or self._split_at(rb, cuts)):
+                break
+        for sa, sb in zip(ra.segments, rb.segments):
+            self.roots.union(sa.group, sb.group)
+        return True
+
+    def _split_at(self, t: TensorChannels, cuts: set[int]) -> bool:
+        """Split the first root of the resolved layout `t` that is used only in part or that a cut falls inside."""
+        offset = 0
+        for s in t.segments:
+            inner = {s.start + c - offset for c in cuts if offset < c < offset + s.size}
+            points = sorted((inner | {s.start, s.stop}) - {0, self.roots.size[s.group]})
+            if points:
+                self.roots.split(s.group, points)
+                return True
+            offset += s.size
+        return False
+
+    def tiles(self, t: TensorChannels, count: int, reason: str) -> TensorChannels:
+        """Require `t` to be `count` equal tiles that keep the same channels (the groups of a grouped conv, the
+        blocks of a channel shuffle): unify them, and return the first."""
+        size = t.size // count
+        first = sub_layout(t, 0, size)
+        for j in range(1, count):
+            self.unify(first, sub_layout(t, j * size, (j + 1) * size), reason)
+        return first
 
 
 def _boundaries(t: TensorChannels) -> list[int]:
@@ -229,16 +307,6 @@ def _boundaries(t: TensorChannels) -> list[int]:
     return out
 
 
-def _piece(t: TensorChannels, lo: int, hi: int) -> Segment:
-    """The segment covering [lo, hi) of t (the caller guarantees no segment boundary falls inside)."""
-    offset = 0
-    for s in t.segments:
-        if offset <= lo < offset + s.size:
-            return Segment(s.group, s.start + lo - offset, s.start + hi - offset)
-        offset += s.size
-    raise AssertionError("range outside the layout")
-
-
 def sub_layout(t: TensorChannels, lo: int, hi: int) -> TensorChannels:
     """The channels [lo, hi) of a layout, as a layout."""
     segments, offset = [], 0
@@ -247,6 +315,22 @@ def sub_layout(t: TensorChannels, lo: int, hi: int) -> TensorChannels:
         if a < b:
             segments.append(Segment(s.group, s.start + a - offset, s.start + b - offset))
         offset += s.size
+    return TensorChannels(t.axis, tuple(segments))
+
+
+def tile(t: TensorChannels, count: int) -> TensorChannels:
+    """The layout `count` times end to end (e.g. [a, b] -> [a, b, a, b])."""
+    return TensorChannels(t.axis, t.segments * count)
+
+
+def repeat_each(t: TensorChannels, count: int) -> TensorChannels:
+    """Every channel of the layout `count` times in a row (e.g. [a, b] -> [a, a, b, b])."""
+    if count == 1:
+        return t
+    segments = []
+    for s in t.segments:
+        for c in range(s.start, s.stop):
+            segments.extend([Segment(s.group, c, c + 1)] * count)
     return TensorChannels(t.axis, tuple(segments))
 
 
@@ -329,6 +413,53 @@ _FOLDS: dict[str, Callable[[gs.Node, np.ndarray], np.ndarray | None]] = {
 }
 
 
+STATIC_OPS = {"Identity", "Cast", "Gather", "Slice", "Concat", "Unsqueeze", "Squeeze", "Reshape", "Transpose",
+              "ConstantOfShape", "Range", "Expand", "Tile", "Add", "Sub", "Mul", "Div", "Mod", "Neg", "Abs", "Max",
+              "Min", "Floor", "Ceil", "Equal", "Less", "Greater", "Where", "Not", "And", "Or", "ReduceProd",
+              "ReduceSum", "ReduceMax", "ReduceMin", "Sign", "Clip"}
+MAX_STATIC_ELEMENTS = 4096  # shape arithmetic only: never evaluate feature maps
+
+
+def _evaluate_static(ctx: "_Context", t: gs.Tensor) -> np.ndarray | None:
+    """Evaluate the node producing `t` (ONNX's reference evaluator, one node at a time) when its inputs are known
+    before run time: constants, static dims read by Shape, or values evaluated the same way."""
+    if len(t.inputs) != 1 or (t.shape is not None and _static_product(list(t.shape)) is None and
+                              any(d is None for d in t.shape)):
+        return None
+    node = t.inputs[0]
+    if node.op == "Shape":
+        dims = node.inputs[0].shape
+        if dims is None or not all(isinstance(d, int) for d in dims):
+            return None
+        start, end = node.attrs.get("start", 0), node.attrs.get("end", len(dims))
+        return np.asarray(dims[slice(start, end)], np.int64)
+    if node.op not in STATIC_OPS:
+        return None
+    args = [ctx.value(i) if i.name else None for i in node.inputs]
+    if any(v is None and i.name for v, i in zip(args, node.inputs)) or \
+            any(v is not None and np.size(v) > MAX_STATIC_ELEMENTS for v in args):
+        return None
+    try:
+        outputs = _run_one_node(node, args, ctx.graph.opset)
+    except Exception:  # noqa: BLE001 - an op the evaluator does not take simply stays unknown
+        return None
+    value = outputs[node.outputs.index(t)]
+    return value if np.size(value) <= MAX_STATIC_ELEMENTS else None
+
+
+def _run_one_node(node: gs.Node, args: list[np.ndarray | None], opset: int) -> list[np.ndarray]:
+    from onnx.reference import ReferenceEvaluator
+
+    inputs = [gs.Variable(f"in{i}", dtype=np.asarray(v).dtype, shape=np.shape(v)) if v is not None
+              else gs.Variable.empty() for i, v in enumerate(args)]
+    outputs = [gs.Variable(f"out{i}") for i in range(len(node.outputs))]
+    copy = gs.Node(node.op, attrs=dict(node.attrs), inputs=inputs, outputs=outputs, domain=node.domain)
+    graph = gs.Graph(nodes=[copy], inputs=[t for t in inputs if t.name], outputs=outputs, opset=opset)
+    model = gs.export_onnx(graph, do_type_check=False)
+    feeds = {f"in{i}": np.asarray(v) for i, v in enumerate(args) if v is not None}
+    return ReferenceEvaluator(model).run(None, feeds)
+
+
 def _label(node: gs.Node) -> str:
     return f"{node.op} {node.name!r}" if node.name else node.op
 
@@ -336,43 +467,116 @@ def _label(node: gs.Node) -> str:
 Rule = Callable[[_Context, int, gs.Node], None]
 
 
+@dataclass(frozen=True)
+class ConvSpec:
+    """One Conv or ConvTranspose as the analysis, the surgery and compensation see it. Weights are [out, in/group,
+    k...] for Conv and [in, out/group, k...] for ConvTranspose; `in_axis`/`out_axis` name the weight axes that index
+    input and output channels (within a group where the conv is grouped)."""
+
+    op: str
+    weight: np.ndarray
+    bias: np.ndarray | None      # None: no bias input
+    group: int
+    strides: tuple[int, ...]
+    pads: tuple[int, ...]        # begin values for every spatial axis, then end values (ONNX order)
+    dilations: tuple[int, ...]
+    auto_pad: str
+
+    @property
+    def transpose(self) -> bool:
+        return self.op == "ConvTranspose"
+
+    @property
+    def in_axis(self) -> int:
+        return 0 if self.transpose else 1
+
+    @property
+    def out_axis(self) -> int:
+        return 1 if self.transpose else 0
+
+    @property
+    def in_channels(self) -> int:
+        return self.weight.shape[0] if self.transpose else self.weight.shape[1] * self.group
+
+    @property
+    def out_channels(self) -> int:
+        return self.weight.shape[1] * self.group if self.transpose else self.weight.shape[0]
+
+    @property
+    def kernel(self) -> tuple[int, ...]:
+        return tuple(self.weight.shape[2:])
+
+    @property
+    def depthwise(self) -> bool:
+        """One input channel per group (a channel multiplier when there are more outputs than inputs)."""
+        return self.group > 1 and self.group == self.in_channels
+
+
+def conv_spec(node: gs.Node) -> ConvSpec | None:
+    """The description of a Conv/ConvTranspose node, or None where its weight or bias is not a constant."""
+    weight = constant_value(node.inputs[1]) if len(node.inputs) > 1 else None
+    has_bias = len(node.inputs) > 2 and node.inputs[2].name
+    bias = constant_value(node.inputs[2]) if has_bias else None
+    if weight is None or (has_bias and bias is None):
+        return None
+    spatial = weight.ndim - 2
+    auto_pad = node.attrs.get("auto_pad", "NOTSET")
+    return ConvSpec(node.op, np.asarray(weight), None if bias is None else np.asarray(bias), int(node.attrs.get("group", 1)),
+                    tuple(node.attrs.get("strides", [1] * spatial)), tuple(node.attrs.get("pads", [0] * 2 * spatial)),
+                    tuple(node.attrs.get("dilations", [1] * spatial)),
+                    auto_pad.decode() if isinstance(auto_pad, bytes) else str(auto_pad))
+
+
 def _conv(ctx: _Context, index: int, node: gs.Node) -> None:
     x, out = node.inputs[0], node.outputs[0]
-    weight = constant_value(node.inputs[1])
+    spec = conv_spec(node)
     lx = ctx.layout.get(x.name)
-    if weight is None:
-        ctx.block_inputs(node, f"{_label(node)} has non-constant weights")
-        ctx.opaque(out, 1, f"{_label(node)} has non-constant weights")
+    if spec is None:
+        reason = f"{_label(node)} has non-constant weights or bias"
+        ctx.block_inputs(node, reason)
+        ctx.opaque(out, 1, reason)
         return
-    group = int(node.attrs.get("group", 1))
-    transpose = node.op == "ConvTranspose"
-    cout = weight.shape[1] * group if transpose else weight.shape[0]
-    cin = weight.shape[0] if transpose else weight.shape[1] * group
-    has_bias = len(node.inputs) > 2 and node.inputs[2].name
-    if lx is not None and lx.axis != 1:
+    if lx is not None and (lx.axis != 1 or lx.size != spec.in_channels):
         ctx.block_tensor(x.name, f"{_label(node)} reads channels from axis {lx.axis}")
         lx = None
-    if group == 1:
-        if lx is not None:
-            ctx.edits.append(Edit(index, "consume", lx, input=1, axis=1 if not transpose else 0))
-            ctx.observed.setdefault(x.name, lx)
-        root = ctx.roots.new(cout, producer=node.name or node.op)
-        mine = TensorChannels(1, (Segment(root, 0, cout),))
-        ctx.edits.append(Edit(index, "slice", mine, input=1, axis=0 if not transpose else 1))
-        # Recorded even without a bias: compensation may give the conv one, which must be cut like its outputs.
-        ctx.edits.append(Edit(index, "slice", mine, input=2, axis=0))
-        ctx.layout[out.name] = mine
-    elif group == cin == cout and not transpose and lx is not None:
-        # Depthwise: output channel c depends on input channel c only, so it passes the layout through.
-        ctx.edits.append(Edit(index, "slice", lx, input=1, axis=0))
-        if has_bias:
-            ctx.edits.append(Edit(index, "slice", lx, input=2, axis=0))
-        ctx.edits.append(Edit(index, "group", lx))
-        ctx.layout[out.name] = lx
+    if not spec.depthwise:
+        _dense_conv(ctx, index, node, spec, lx)
+    elif lx is not None:
+        _depthwise_conv(ctx, index, node, spec, lx)
     else:
-        reason = f"{_label(node)} is a grouped conv (group={group}); cutting whole groups is not supported yet"
-        ctx.block_tensor(x.name, reason)
+        reason = f"{_label(node)} is depthwise over channels of unknown origin"
         ctx.opaque(out, 1, reason)
+
+
+def _dense_conv(ctx: _Context, index: int, node: gs.Node, spec: ConvSpec, lx: TensorChannels | None) -> None:
+    """A conv whose outputs mix the input channels of their group. With group > 1, each group must keep the same
+    input and output channels (the same offsets in every group), so that the group count stays and every group
+    keeps as many channels: the groups' tiles of the input and of the output are unified."""
+    reason = f"{_label(node)} has {spec.group} groups"
+    if lx is not None:
+        per_group = ctx.tiles(lx, spec.group, reason)
+        # Conv weights index the input channels of one group; ConvTranspose weights every input channel
+        ctx.edits.append(Edit(index, "consume", lx if spec.transpose else per_group, input=1, axis=spec.in_axis))
+        ctx.observed.setdefault(node.inputs[0].name, lx)
+    cout = spec.out_channels
+    mine = TensorChannels(1, (Segment(ctx.roots.new(cout, producer=node.name or node.op), 0, cout),))
+    per_group_out = ctx.tiles(mine, spec.group, reason)
+    ctx.edits.append(Edit(index, "slice", per_group_out if spec.transpose else mine, input=1, axis=spec.out_axis))
+    # Recorded even without a bias: compensation may give the conv one, which must be cut like its outputs.
+    ctx.edits.append(Edit(index, "slice", mine, input=2, axis=0))
+    ctx.layout[node.outputs[0].name] = mine
+
+
+def _depthwise_conv(ctx: _Context, index: int, node: gs.Node, spec: ConvSpec, lx: TensorChannels) -> None:
+    """Output channel c*m+j (m = channel multiplier) depends on input channel c only: the layout passes through, each
+    channel repeated m times, and the group count becomes the kept input count."""
+    multiplier = spec.out_channels // spec.group
+    mine = repeat_each(lx, multiplier)
+    ctx.edits.append(Edit(index, "slice", lx if spec.transpose else mine, input=1, axis=0))
+    if spec.bias is not None:
+        ctx.edits.append(Edit(index, "slice", mine, input=2, axis=0))
+    ctx.edits.append(Edit(index, "group", lx))
+    ctx.layout[node.outputs[0].name] = mine
 
 
 def _passthrough(ctx: _Context, index: int, node: gs.Node) -> None:
@@ -413,14 +617,7 @@ def _spatial(ctx: _Context, index: int, node: gs.Node) -> None:
     elif node.op in ("DepthToSpace", "SpaceToDepth"):
         problem = "moves channels into space"
     elif node.op == "Pad":
-        pads = node.attrs.get("pads")
-        if pads is None and len(node.inputs) > 1:
-            value = constant_value(node.inputs[1])
-            pads = None if value is None else value.tolist()
-        if pads is None or rank is None or (len(node.inputs) > 3 and node.inputs[3].name):
-            problem = "has dynamic pads or explicit axes"
-        elif pads[axis] or pads[axis + rank]:
-            problem = "pads the channel axis"
+        problem = _check_pad(ctx, node, axis, rank)
     elif node.op in ("Resize", "Upsample"):
         problem = _check_resize(ctx, index, node, lx)
     if problem:
@@ -428,6 +625,25 @@ def _spatial(ctx: _Context, index: int, node: gs.Node) -> None:
         ctx.opaque(out, axis, f"{_label(node)} {problem}")
         return
     ctx.layout[out.name] = TensorChannels(axis, lx.segments)
+
+
+def _check_pad(ctx: _Context, node: gs.Node, axis: int, rank: int | None) -> str | None:
+    """A Pad is spatial where it pads nothing on the channel axis; its pads may be computed at run time from static
+    dims (exporters' "same" padding), and (opset 18) given for some axes only."""
+    pads = node.attrs.get("pads")
+    if pads is None and len(node.inputs) > 1:
+        value = ctx.value(node.inputs[1])
+        pads = None if value is None else [int(v) for v in np.asarray(value).reshape(-1)]
+    axes = list(range(rank)) if rank is not None else None
+    if len(node.inputs) > 3 and node.inputs[3].name:
+        value = ctx.value(node.inputs[3])
+        axes = None if value is None or rank is None else [int(v) % rank for v in np.asarray(value).reshape(-1)]
+    if pads is None or axes is None:
+        return "has pads computed at run time from dynamic dims"
+    if axis not in axes:
+        return None
+    k = axes.index(axis)
+    return "pads the channel axis" if pads[k] or pads[k + len(axes)] else None
 
 
 def _check_resize(ctx: _Context, index: int, node: gs.Node, lx: TensorChannels) -> str | None:
@@ -468,45 +684,54 @@ def _check_dynamic_sizes(ctx: _Context, sizes: gs.Tensor, lx: TensorChannels) ->
 
 
 def _same_channels(ctx: _Context, a: TensorChannels, b: TensorChannels) -> bool:
-    def key(t: TensorChannels) -> list[tuple[int, int, int]]:
-        return [(ctx.roots.find(s.group), s.start, s.stop) for s in t.segments]
-    return key(a) == key(b)
+    return ctx.resolve(a).segments == ctx.resolve(b).segments
+
+
+def _value_shape(t: gs.Tensor) -> list | None:
+    """The shape of an operand: a constant's own, else the inferred one (None where unknown)."""
+    value = constant_value(t)
+    return list(np.shape(value)) if value is not None else (None if t.shape is None else list(t.shape))
 
 
 def _elementwise(ctx: _Context, index: int, node: gs.Node) -> None:
-    """Residual adds, SE gating, per-channel affine constants: inputs share one channel space after broadcasting."""
-    inputs = [t for t in node.inputs if t.name]
-    laid = [ctx.layout[t.name] for t in inputs if t.name in ctx.layout]
+    """Residual adds, gates, attention maps and per-channel constants, after numpy broadcasting. The widest operand
+    with a layout sets the output's channels; every other operand must be the same channel space along that axis
+    (unified), broadcast along it (size 1: a one-channel attention map, a scalar, a [N,1,H,W] gate), or a constant
+    with one value per channel (sliced with them)."""
+    inputs = [(i, t) for i, t in enumerate(node.inputs) if t.name]
+    laid = [(i, t) for i, t in inputs if t.name in ctx.layout]
     if not laid:
         return
     out = node.outputs[0]
-    out_rank = _rank(out) or max(_rank(t) or 0 for t in inputs)
-    ref = laid[0]
-    ranks = {_rank(t) for t in inputs if t.name in ctx.layout}
-    if len(ranks) != 1 or None in ranks:
-        ctx.block_inputs(node, f"{_label(node)} mixes feature maps of different or unknown rank")
-        ctx.opaque(out, ref.axis, f"{_label(node)} mixes feature maps of different or unknown rank")
+    shapes = {i: _value_shape(t) for i, t in inputs}
+    if any(shape is None for shape in shapes.values()):
+        reason = f"{_label(node)} has an input of unknown rank"
+        ctx.block_inputs(node, reason)
+        ctx.opaque(out, ctx.layout[laid[0][1].name].axis, reason)
         return
-    reason = f"{_label(node)} combines channels that cannot be aligned"
-    for lay in laid[1:]:
-        ctx.unify(ref, lay, reason)
-    for i, t in enumerate(node.inputs):
-        if not t.name or t.name in ctx.layout:
+    out_rank = max(len(shape) for shape in shapes.values())
+    main, main_tensor = max(laid, key=lambda it: ctx.layout[it[1].name].size)  # first of the widest
+    ref = ctx.layout[main_tensor.name]
+    axis = ref.axis + out_rank - len(shapes[main])
+    for i, t in inputs:
+        if i == main:
             continue
-        value = constant_value(t)
-        rank = len(value.shape) if value is not None else _rank(t)
-        if rank is None:
-            ctx.block_inputs(node, f"{_label(node)} has an input of unknown shape")
-            continue
-        dim_index = ref.axis - (out_rank - rank)
-        size = 1 if dim_index < 0 else (value.shape[dim_index] if value is not None else _dim(t, dim_index))
-        if size == 1:
-            continue  # broadcast along channels: the same for every channel
-        if value is not None and size == ref.size:
-            ctx.edits.append(Edit(index, "slice", ref, input=i, axis=dim_index))
+        local = axis - (out_rank - len(shapes[i]))  # the output's channel axis in this operand's own axes
+        lay = ctx.layout.get(t.name)
+        size = 1 if local < 0 else lay.size if lay is not None and lay.axis == local else shapes[i][local]
+        if lay is not None and lay.axis == local and lay.size == ref.size:
+            ctx.unify(ref, lay, f"{_label(node)} combines channels that cannot be aligned")
+        elif size == 1 and (lay is None or lay.size == 1):
+            continue  # broadcast along the channels: the same for every channel, whichever are kept
+        elif lay is None and constant_value(t) is not None and size == ref.size:
+            ctx.edits.append(Edit(index, "slice", ref, input=i, axis=local))
         else:
-            ctx.block_inputs(node, f"{_label(node)} input {t.name!r} has channels of unknown origin")
-    ctx.layout[out.name] = ref
+            reason = f"{_label(node)} input {t.name!r} has channels of unknown origin"
+            ctx.block_inputs(node, reason)
+            if size != ref.size:  # the output does not have the layout's channels either
+                ctx.opaque(out, axis, reason)
+                return
+    ctx.layout[out.name] = TensorChannels(axis, ref.segments)
 
 
 def _norm(ctx: _Context, index: int, node: gs.Node) -> None:
@@ -648,6 +873,185 @@ def _transpose(ctx: _Context, index: int, node: gs.Node) -> None:
     ctx.layout[node.outputs[0].name] = TensorChannels(list(perm).index(lx.axis), lx.segments)
 
 
+MAX_SEGMENTS = 1 << 14  # a reshape that would interleave more channel copies than this is kept whole instead
+
+
+def _same_product(a: list, b: list) -> bool:
+    """Whether two lists of dims have the same product: computed where all are static, else the same dims apart
+    from ones (symbolic dims compare by name)."""
+    if all(isinstance(d, int) for d in a + b):
+        return int(np.prod(a, dtype=np.int64)) == int(np.prod(b, dtype=np.int64))
+    if any(d is None for d in a + b):
+        return False
+    return [d for d in a if d != 1] == [d for d in b if d != 1]
+
+
+def _static_product(dims: list) -> int | None:
+    return int(np.prod(dims, dtype=np.int64)) if all(isinstance(d, int) for d in dims) else None
+
+
+def _regroup(ctx: _Context, in_dims: list, out_dims: list, lx: TensorChannels, reason: str) -> TensorChannels | None:
+    """Where a reshape (row-major, as ONNX Reshape and Flatten are) puts the channels of `lx`, or None where they do
+    not stay a channel axis. Three exact cases:
+    - kept: one output axis of the channel count, with as many elements before it as before the channel axis;
+    - split into [g, C/g] (a channel shuffle's first step): the channel axis becomes the C/g one, which requires the
+      g blocks to keep the same channels (they are unified);
+    - merged with neighbouring axes into one (a shuffle's last step, a flatten): the layout is tiled by the size of
+      the axes before it and every channel repeated by the size of those after it."""
+    a, size = lx.axis, lx.size
+    before, after = in_dims[:a], in_dims[a + 1:]
+    for b, dim in enumerate(out_dims):
+        if dim == size and _same_product(before, out_dims[:b]) and _same_product(after, out_dims[b + 1:]):
+            return TensorChannels(b, lx.segments)
+    for b in range(len(out_dims) - 1):
+        blocks, per_block = out_dims[b], out_dims[b + 1]
+        if isinstance(blocks, int) and isinstance(per_block, int) and blocks * per_block == size and \
+                _same_product(before, out_dims[:b]) and _same_product(after, out_dims[b + 2:]):
+            return TensorChannels(b + 1, ctx.tiles(lx, blocks, reason).segments)
+    for b, dim in enumerate(out_dims):
+        for first in range(a, -1, -1):
+            for last in range(a, len(in_dims)):
+                major, minor = _static_product(in_dims[first:a]), _static_product(in_dims[a + 1:last + 1])
+                if major is None or minor is None or dim != major * size * minor or (first, last) == (a, a) or \
+                        not _same_product(in_dims[:first], out_dims[:b]) or \
+                        not _same_product(in_dims[last + 1:], out_dims[b + 1:]):
+                    continue
+                if major * size * minor > MAX_SEGMENTS:
+                    return None
+                return TensorChannels(b, tile(repeat_each(lx, minor), major).segments)
+    return None
+
+
+def _reshape(ctx: _Context, index: int, node: gs.Node) -> None:
+    """Reshape and Flatten: exact where the channels stay one axis (_regroup). A Reshape's constant target names the
+    channel count explicitly, -1 (inferred) or 0 (copied from the input): an explicit count becomes the kept count."""
+    x, out = node.inputs[0], node.outputs[0]
+    lx = ctx.layout.get(x.name)
+    if lx is None:
+        return
+    target = None
+    if node.op == "Reshape":
+        value = constant_value(node.inputs[1]) if len(node.inputs) > 1 else None
+        if value is None or node.attrs.get("allowzero", 0):
+            return _keep_whole(ctx, node, lx, "has a target shape computed at run time")
+        target = [int(v) for v in np.asarray(value).reshape(-1)]
+    in_dims, out_dims = x.shape, out.shape
+    if in_dims is None or out_dims is None:
+        return _keep_whole(ctx, node, lx, "has shapes that shape inference could not find")
+    reason = f"{_label(node)} splits the channel axis into blocks that must keep the same channels"
+    mine = _regroup(ctx, list(in_dims), list(out_dims), lx, reason)
+    if mine is None:
+        return _keep_whole(ctx, node, lx, "moves channels into other axes")
+    if target is not None:
+        if any(v == 0 and i == lx.axis and (mine.axis != i or mine.size != lx.size) for i, v in enumerate(target)):
+            return _keep_whole(ctx, node, lx, "copies the channel count into another axis")
+        if target[mine.axis] > 0:
+            ctx.edits.append(Edit(index, "shape_entry", mine, input=1, axis=mine.axis))
+    ctx.layout[out.name] = mine
+
+
+def _keep_whole(ctx: _Context, node: gs.Node, lx: TensorChannels, problem: str) -> None:
+    reason = f"{_label(node)} {problem}"
+    ctx.block_tensor(node.inputs[0].name, reason)
+    out = node.outputs[0]
+    if _rank(out):
+        ctx.opaque(out, min(lx.axis, _rank(out) - 1), reason)
+
+
+def _squeeze(ctx: _Context, index: int, node: gs.Node) -> None:
+    """Unsqueeze/Squeeze on other axes move the channel axis by the axes added or removed before it."""
+    x, out = node.inputs[0], node.outputs[0]
+    lx = ctx.layout.get(x.name)
+    if lx is None:
+        return
+    axes = _optional_constant(node, 1, "axes")
+    rank = _rank(x)
+    if node.op == "Squeeze" and axes is None and x.shape is not None:
+        axes = [i for i, d in enumerate(x.shape) if d == 1]
+    if axes is None or rank is None:
+        return _keep_whole(ctx, node, lx, "has axes that are not constant")
+    if node.op == "Unsqueeze":
+        out_rank = rank + len(axes)
+        added = {a % out_rank for a in axes}
+        axis = [i for i in range(out_rank) if i not in added][lx.axis]
+    else:
+        removed = {a % rank for a in axes}
+        if lx.axis in removed:
+            return _keep_whole(ctx, node, lx, "removes the channel axis")
+        axis = lx.axis - sum(a < lx.axis for a in removed)
+    ctx.layout[out.name] = TensorChannels(axis, lx.segments)
+
+
+def _tile(ctx: _Context, index: int, node: gs.Node) -> None:
+    """Tile repeating other axes (tf2onnx image pooling broadcasts [1,1,1,C] to [1,H,W,C]) keeps the channels."""
+    lx = ctx.layout.get(node.inputs[0].name)
+    if lx is None:
+        return
+    repeats = ctx.value(node.inputs[1]) if len(node.inputs) > 1 else None
+    if repeats is None or np.asarray(repeats).reshape(-1)[lx.axis] != 1:
+        return _keep_whole(ctx, node, lx, "repeats the channel axis or has run-time repeats")
+    ctx.layout[node.outputs[0].name] = lx
+
+
+def _gemm(ctx: _Context, index: int, node: gs.Node) -> None:
+    """Gemm on pooled channels ([N, C] -> [N, K], squeeze-excite): like a 1x1 conv, it consumes the columns of A
+    (rows of B, or columns with transB) and opens a new channel space of its outputs (B's other axis, and C)."""
+    a, out = node.inputs[0], node.outputs[0]
+    la = ctx.layout.get(a.name)
+    if la is None:
+        if any(t.name in ctx.layout for t in node.inputs[1:]):
+            ctx.block_inputs(node, f"{_label(node)} multiplies channels that are not its first input's")
+        return
+    weight = constant_value(node.inputs[1])
+    has_bias = len(node.inputs) > 2 and node.inputs[2].name
+    bias = constant_value(node.inputs[2]) if has_bias else None
+    contracted = 0 if node.attrs.get("transA", 0) else 1
+    if weight is None or la.axis != contracted or (has_bias and bias is None):
+        return _keep_whole(ctx, node, la, "is not a product of its input's channels with constant weights")
+    k_axis = 1 if node.attrs.get("transB", 0) else 0
+    ctx.edits.append(Edit(index, "consume", la, input=1, axis=k_axis))
+    size = weight.shape[1 - k_axis]
+    mine = TensorChannels(1, (Segment(ctx.roots.new(size, producer=node.name or node.op), 0, size),))
+    ctx.edits.append(Edit(index, "slice", mine, input=1, axis=1 - k_axis))
+    if bias is not None and np.ndim(bias) >= 1 and np.shape(bias)[-1] == size > 1:
+        ctx.edits.append(Edit(index, "slice", mine, input=2, axis=np.ndim(bias) - 1))
+    ctx.layout[out.name] = mine
+
+
+def _matmul(ctx: _Context, index: int, node: gs.Node) -> None:
+    """MatMul [.., M, K] x [.., K, N]. Channels on a row axis of A, a column axis of B or a batch axis pass
+    through (position attention: [N,C,HW] x [N,HW,HW] keeps C). Channels on the contracted axis are summed over:
+    exact only against a constant B (a linear layer on channels-last data: cut like a Gemm); against another
+    feature map (attention energies q^T k) every output mixes all channels, and so does a product that pairs the
+    channels of both operands (a channel Gram matrix)."""
+    a, b, out = node.inputs[0], node.inputs[1], node.outputs[0]
+    la, lb = ctx.layout.get(a.name), ctx.layout.get(b.name)
+    if la is None and lb is None:
+        return
+    ra, rb = _rank(a), len(_value_shape(b) or []) or None
+    if ra is None or rb is None or ra < 2 or rb < 2:
+        ctx.block_inputs(node, f"{_label(node)} has operands of unknown or vector rank")
+        return
+    out_rank = max(ra, rb)
+    weight = constant_value(b)
+    if la is not None and la.axis == ra - 1 and weight is not None:
+        ctx.edits.append(Edit(index, "consume", la, input=1, axis=rb - 2))
+        size = weight.shape[-1]
+        mine = TensorChannels(out_rank - 1, (Segment(ctx.roots.new(size, producer=node.name or node.op), 0, size),))
+        ctx.edits.append(Edit(index, "slice", mine, input=1, axis=rb - 1))
+        ctx.layout[out.name] = mine
+        return
+    if (la is not None and la.axis == ra - 1) or (lb is not None and lb.axis == rb - 2):
+        ctx.block_inputs(node, f"{_label(node)} sums over the channel axis of a feature map: every output mixes all "
+                               f"channels")
+        return  # the operands are kept whole, so the product does not change with any cut: no layout
+    if la is not None and lb is not None:
+        ctx.block_inputs(node, f"{_label(node)} pairs the channels of both operands")
+        return
+    lay, rank = (la, ra) if la is not None else (lb, rb)
+    ctx.layout[out.name] = TensorChannels(lay.axis + out_rank - rank, lay.segments)
+
+
 def _read_shape(ctx: _Context, index: int, node: gs.Node) -> None:
     """Shape/Size read no values, but what they read may be a channel count that a cut changes. Such values are
     followed element by element through shape arithmetic (_follow_shape_value); wherever one is used in a way the
@@ -686,7 +1090,7 @@ def _shape_computation(ctx: _Context, node: gs.Node) -> bool:
         return False
     roots = frozenset().union(*(v.roots for v in values if v))
     if not any(t.name in ctx.layout for t in node.inputs) and node.op in SHAPE_FOLLOWERS | SHAPE_ARITHMETIC:
-        entries = _follow_shape_value(ctx, node) if node.op in SHAPE_FOLLOWERS else None
+        entries = _follow_shape_value(ctx, node) if node.op in SHAPE_FOLLOWERS else _arithmetic_entries(ctx, node)
         if entries is not None:  # exact: only the counts actually selected
             roots = frozenset(s.group for e in entries if e is not None for s in e.segments)
         static = _static_result(ctx, node)
@@ -701,6 +1105,18 @@ def _shape_computation(ctx: _Context, node: gs.Node) -> bool:
         ctx.roots.block(r, f"{_label(node)} uses a channel count read at run time (Shape) in a way that does not "
                            f"follow the cut")
     return False
+
+
+def _arithmetic_entries(ctx: _Context, node: gs.Node) -> tuple[None, ...] | None:
+    """Elementwise arithmetic on values none of whose elements is a channel count (e.g. padding computed from the
+    height) gives such a value too; where any element is one, the correspondence is lost (None)."""
+    if node.op.startswith("Reduce"):
+        return None
+    parts = [_elements(ctx, t) for t in node.inputs if t.name]
+    if any(p is None or any(e is not None for e in p) for p in parts):
+        return None
+    n = max(len(p) for p in parts)
+    return (None,) * n if all(len(p) in (1, n) for p in parts) else None
 
 
 def _elements(ctx: _Context, t: gs.Tensor) -> list[TensorChannels | None] | None:
@@ -837,10 +1253,12 @@ RULES: dict[str, Rule] = {
     **{op: _spatial for op in SPATIAL},
     **{op: _elementwise for op in ELEMENTWISE},
     **{op: _read_shape for op in SHAPE_READERS},
-    **{op: _softmax for op in ("Softmax", "LogSoftmax", "Hardmax")},
+    **{op: _softmax for op in ("Softmax", "LogSoftmax")},
     "Conv": _conv, "ConvTranspose": _conv,
     "BatchNormalization": _norm, "InstanceNormalization": _norm,
     "Concat": _concat, "Split": _split, "Slice": _slice, "Transpose": _transpose,
+    "Reshape": _reshape, "Flatten": _reshape, "Squeeze": _squeeze, "Unsqueeze": _squeeze, "Tile": _tile,
+    "Gemm": _gemm, "MatMul": _matmul,
 }
 
 
@@ -889,34 +1307,39 @@ def _input_channel_axis(t: gs.Tensor, layout_hint: str | None) -> int:
 def _class_root(ctx: _Context, graph: gs.Graph) -> int | None:
     """The root of the first output, if that output is one whole conv output space (the class logits)."""
     lay = ctx.layout.get(graph.outputs[0].name) if graph.outputs else None
-    if lay is None or len(lay.segments) != 1:
+    if lay is None:
+        return None
+    lay = ctx.resolve(lay)
+    if len(lay.segments) != 1:
         return None
     seg = lay.segments[0]
     if seg.start != 0 or seg.size != ctx.roots.size[seg.group]:
         return None
-    return ctx.roots.find(seg.group)
+    return seg.group
 
 
 def _finish(ctx: _Context, graph: gs.Graph, class_root: int | None) -> ChannelAnalysis:
-    """Renumber union-find roots into compact group ids (in order of first appearance) and collect group facts."""
+    """Renumber the live union-find roots into compact group ids (in order of creation), resolve every layout and
+    edit to them, and collect group facts."""
     ids: dict[int, int] = {}
     groups: list[ChannelGroup] = []
     for r in range(len(ctx.roots.parent)):
         rep = ctx.roots.find(r)
-        if rep not in ids:
+        if rep not in ids and rep not in ctx.roots.parts:
             ids[rep] = len(groups)
             groups.append(ChannelGroup(ids[rep], ctx.roots.size[rep], producers=list(ctx.roots.producers.get(rep, [])),
                                        blocked=list(ctx.roots.reasons.get(rep, []))))
 
     def remap(t: TensorChannels) -> TensorChannels:
-        return TensorChannels(t.axis, tuple(Segment(ids[ctx.roots.find(s.group)], s.start, s.stop) for s in t.segments))
+        live = ctx.resolve(t)
+        return TensorChannels(t.axis, tuple(Segment(ids[s.group], s.start, s.stop) for s in live.segments))
 
     tensors = {name: remap(t) for name, t in ctx.layout.items()}
     for name, t in tensors.items():
-        for g in {s.group for s in t.segments}:
+        for g in dict.fromkeys(s.group for s in t.segments):
             groups[g].tensors.append(name)
     for name, t in ctx.observed.items():
-        for g in {s.group for s in tensors[name].segments}:
+        for g in dict.fromkeys(s.group for s in tensors[name].segments):
             groups[g].observed.append(name)
     edits = [replace(e, channels=remap(e.channels)) for e in ctx.edits]
     class_group = ids[class_root] if class_root is not None else None
@@ -932,12 +1355,11 @@ def _set_depths(groups: list[ChannelGroup], tensors: dict[str, TensorChannels], 
     for node in graph.nodes:
         if node.op not in ("Conv", "ConvTranspose") or node.outputs[0].name not in tensors:
             continue
-        out_group = tensors[node.outputs[0].name].segments[0].group
+        out_groups = {s.group for s in tensors[node.outputs[0].name].segments}
         lx = tensors.get(node.inputs[0].name)
         if lx is not None:
             for s in lx.segments:
-                if s.group != out_group:
-                    consumers[s.group].add(out_group)
+                consumers[s.group] |= out_groups - {s.group}
     depth = {g.id: None for g in groups}
     if class_group is not None:
         depth[class_group] = 0

@@ -31,9 +31,14 @@ def _checked_keep_sets(analysis: ChannelAnalysis, keep_sets: Mapping[int, np.nda
 
 
 def _input_value(node: gs.Node, index: int) -> np.ndarray | None:
+    """The constant an edit rewrites; None for an omitted optional input (a conv without bias). The analysis only
+    records edits on constant inputs, so anything else is a bug that must not pass silently."""
     if index >= len(node.inputs) or not node.inputs[index].name:
-        return None  # an omitted optional input, e.g. a conv without bias
-    return np.array(constant_value(node.inputs[index]))
+        return None
+    value = constant_value(node.inputs[index])
+    if value is None:
+        raise AssertionError(f"{node.op} {node.name!r}: input {index} ({node.inputs[index].name!r}) is not a constant")
+    return np.array(value)
 
 
 def _label(graph: gs.Graph, node: gs.Node) -> str:
