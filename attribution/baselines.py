@@ -15,32 +15,33 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
+import onnx_graphsurgeon as gs
 
 from disasm.attribution.disassembler import Attribution
 from disasm.attribution.select import SelectionSettings, group_scores, scatter_to_groups
-from disasm.compiler.channels import ChannelAnalysis
+from disasm.compiler.channels import ChannelAnalysis, constant_value
 
 CRITERIA = ("disassembler", "taylor", "l1", "magnitude", "random")
 
 
 def _filter_l1(model: onnx.ModelProto, analysis: ChannelAnalysis) -> dict[int, np.ndarray]:
-    weights = {t.name: t for t in model.graph.initializer}
-    by_name = {n.name: n for n in model.graph.node if n.name}
-    scores: dict[int, np.ndarray] = {}
-    for group in analysis.groups:
-        total = np.zeros(group.size)
-        for producer in group.producers:
-            node = by_name.get(producer)
-            if node is None or node.input[1] not in weights:
-                continue
-            w = np.abs(numpy_helper.to_array(weights[node.input[1]]))
-            # Conv weights are [out, in/group, k...]; ConvTranspose weights [in, out/group, k...]
-            out_axis = 0 if node.op_type == "Conv" else 1
-            per_out = w.sum(axis=tuple(a for a in range(w.ndim) if a != out_axis))
-            if per_out.size == group.size:
-                total += per_out
-        scores[group.id] = total
+    """Per group, the L1 norm of the filters that produce each channel: read from the weight slices the surgery
+    would make on the producers (Conv, ConvTranspose, Gemm), so grouped convs and groups that hold part of a
+    producer's outputs are scored channel by channel; producers that share a channel add up."""
+    graph = gs.import_onnx(model)  # weights are read lazily, only the producers'
+    scores = {g.id: np.zeros(g.size) for g in analysis.groups}
+    for edit in analysis.edits:
+        node = graph.nodes[edit.node]
+        if edit.kind != "slice" or edit.input != 1 or node.outputs[0].name not in analysis.tensors:
+            continue
+        if not any((node.name or node.op) in analysis.groups[s.group].producers for s in edit.channels.segments):
+            continue  # a depthwise conv passes channels through: its filters are not what produces them
+        w = np.abs(np.asarray(constant_value(node.inputs[1]), np.float64))
+        per_out = w.sum(axis=tuple(a for a in range(w.ndim) if a != edit.axis))
+        offset = 0
+        for s in edit.channels.segments:
+            scores[s.group][s.start:s.stop] += per_out[offset:offset + s.size]
+            offset += s.size
     return scores
 
 

@@ -16,69 +16,98 @@ data (the mean fold is a feasible point with no penalty), and on a handful of sa
 one pixel per image) it stays close to it. Keeping everything returns Theta. Consumers without moments (too large,
 or ConvTranspose) fall back to `mean`.
 
+Which consumers are refitted: `lsq` needs a plain (group=1) 2-D Conv with moments; other convs that read cut channels
+(grouped convs, ConvTranspose, convs too large for moments) get the mean fold, which holds for any conv; consumers
+that are not convs (a Gemm in a squeeze-excite) and convs without calibration statistics lose the channels plainly.
+
 Replacements are returned in the original shapes, keyed by (node index, input index); compiler.prune cuts them like the
 original weights.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from dataclasses import dataclass
+
 import numpy as np
 import onnx
-from onnx import numpy_helper
+import onnx_graphsurgeon as gs
 
 from disasm.attribution.disassembler import Attribution
-from disasm.compiler.channels import ChannelAnalysis
+from disasm.compiler.channels import ChannelAnalysis, ConvSpec, conv_spec
 
 METHODS = ("none", "mean", "lsq")
 DEFAULT_RIDGE = 1e-2
 
 
-def _constant_tensors(model: onnx.ModelProto) -> dict[str, onnx.TensorProto]:
-    """Initializers and Constant-node values by name, not yet decoded: only the consumers' weights are ever read."""
-    tensors = {t.name: t for t in model.graph.initializer}
-    for node in model.graph.node:
-        if node.op_type == "Constant":
-            for attr in node.attribute:
-                if attr.name == "value":
-                    tensors[node.output[0]] = attr.t
-    return tensors
+@dataclass(frozen=True)
+class CutConsumer:
+    """A conv whose input loses channels: where it is, what it is, and which of its input channels stay."""
+
+    node: int            # index in the graph's node list, as in the analysis edits
+    name: str
+    tensor: str          # its input
+    spec: ConvSpec
+    kept: np.ndarray     # kept input channels, indices into the whole input tensor
+
+    @property
+    def bias(self) -> np.ndarray:
+        return self.spec.bias if self.spec.bias is not None else np.zeros(self.spec.out_channels, self.spec.weight.dtype)
+
+    @property
+    def plain(self) -> bool:
+        """A group=1 Conv, the one kind the least-squares refit models exactly."""
+        return self.spec.op == "Conv" and self.spec.group == 1
 
 
-def _cut_consumers(model: onnx.ModelProto, analysis: ChannelAnalysis, keep_sets: dict[int, np.ndarray]):
-    """(edit, node, kept input channels, weight, bias) of every conv whose input loses channels."""
-    tensors = _constant_tensors(model)
+def _cut_consumers(model: onnx.ModelProto, analysis: ChannelAnalysis, keep_sets: dict[int, np.ndarray]) -> Iterator[CutConsumer]:
+    """Every conv whose input loses channels (other consumers, e.g. Gemm, are only cut)."""
+    graph = None
     for edit in analysis.edits:
-        if edit.kind != "consume":
+        if edit.kind != "consume" or edit.channels.kept_indices(keep_sets).size == edit.channels.size:
             continue
-        kept = edit.channels.kept_indices(keep_sets)
-        if kept.size == edit.channels.size:
+        if graph is None:
+            graph = gs.import_onnx(model)  # constants are read lazily: only the consumers' are decoded
+        node = graph.nodes[edit.node]
+        spec = conv_spec(node) if node.op in ("Conv", "ConvTranspose") else None
+        layout = analysis.tensors.get(node.inputs[0].name)
+        if spec is None or layout is None:
             continue
-        node = model.graph.node[edit.node]
-        if node.input[1] not in tensors:
-            raise ValueError(f"{node.op_type} {node.name!r}: weight {node.input[1]!r} is not a constant")
-        weight = numpy_helper.to_array(tensors[node.input[1]])
-        out_channels = weight.shape[0] if edit.axis == 1 else weight.shape[1]
-        has_bias = len(node.input) > 2 and node.input[2]
-        bias = numpy_helper.to_array(tensors[node.input[2]]) if has_bias else np.zeros(out_channels, weight.dtype)
-        yield edit, node, kept, weight, bias
+        yield CutConsumer(edit.node, node.name or node.outputs[0].name, node.inputs[0].name, spec,
+                          layout.kept_indices(keep_sets))
 
 
-def _mean_bias(edit, node, kept: np.ndarray, weight: np.ndarray, bias: np.ndarray, attribution: Attribution) -> np.ndarray:
-    """b + sum_{c cut} E[x_c] * sum_u W[:, c, u]."""
-    if node.input[0] not in attribution.mean_sum:
-        raise ValueError(f"no calibration statistics for {node.input[0]!r}, the input of {node.op_type} {node.name!r}")
-    removed = np.setdiff1d(np.arange(edit.channels.size), kept)
-    mean = attribution.channel_mean(node.input[0])[removed]
-    per_input = weight.sum(axis=tuple(range(2, weight.ndim)))  # Conv: [out, in]; ConvTranspose: [in, out]
-    delta = mean @ per_input[:, removed].T if edit.axis == 1 else mean @ per_input[removed, :]
-    return (bias + delta).astype(weight.dtype)
+def input_weights(spec: ConvSpec) -> np.ndarray:
+    """[out, in] over all channels: the sum over kernel taps of the weights from each input to each output channel,
+    zero between different groups."""
+    taps = spec.weight.sum(axis=tuple(range(2, spec.weight.ndim)))  # Conv: [out, in/g]; ConvTranspose: [in, out/g]
+    dense = np.zeros((spec.out_channels, spec.in_channels), np.float64)
+    cin, cout = spec.in_channels // spec.group, spec.out_channels // spec.group
+    for g in range(spec.group):
+        block = taps[g * cout:(g + 1) * cout] if not spec.transpose else taps[g * cin:(g + 1) * cin].T
+        dense[g * cout:(g + 1) * cout, g * cin:(g + 1) * cin] = block
+    return dense
+
+
+def _mean_bias(consumer: CutConsumer, attribution: Attribution) -> np.ndarray | None:
+    """b + sum_{c cut} E[x_c] * sum_u W[:, c, u] (None without calibration statistics for the input)."""
+    if consumer.tensor not in attribution.mean_sum:
+        return None
+    removed = np.setdiff1d(np.arange(consumer.spec.in_channels), consumer.kept)
+    mean = attribution.channel_mean(consumer.tensor)[removed]
+    delta = input_weights(consumer.spec)[:, removed] @ mean
+    return (consumer.bias + delta).astype(consumer.spec.weight.dtype)
 
 
 def mean_compensation(model: onnx.ModelProto, analysis: ChannelAnalysis, keep_sets: dict[int, np.ndarray],
                       attribution: Attribution) -> dict[tuple[int, int], np.ndarray]:
     """New biases (original shape) for every conv that reads cut channels."""
-    return {(edit.node, 2): _mean_bias(edit, node, kept, weight, bias, attribution)
-            for edit, node, kept, weight, bias in _cut_consumers(model, analysis, keep_sets)}
+    replacements = {}
+    for consumer in _cut_consumers(model, analysis, keep_sets):
+        bias = _mean_bias(consumer, attribution)
+        if bias is not None:
+            replacements[(consumer.node, 2)] = bias
+    return replacements
 
 
 def kept_features(kept_channels: np.ndarray, kernel_size: int, features: int) -> np.ndarray:
@@ -111,55 +140,61 @@ def reconstruction_error(theta_new: np.ndarray, theta: np.ndarray, second_moment
     return float(np.einsum("oi,ij,oj->", delta, second_moment, delta)) / theta.shape[0]
 
 
+def _theta(weight: np.ndarray, bias: np.ndarray) -> np.ndarray:
+    """[W, b] of a plain conv as a matrix over its unfolded input patch plus 1 (channel-major, as attribution.moments)."""
+    return np.concatenate([weight.reshape(weight.shape[0], -1), bias[:, None]], axis=1).astype(np.float64)
+
+
 def lsq_compensation(model: onnx.ModelProto, analysis: ChannelAnalysis, keep_sets: dict[int, np.ndarray],
                      attribution: Attribution, ridge: float = DEFAULT_RIDGE) -> tuple[dict[tuple[int, int], np.ndarray], list[str]]:
     """New weights and biases (original shapes) for every conv that reads cut channels, and the names of the
-    consumers that fell back to mean compensation for lack of moments."""
+    consumers that fell back to mean compensation (no moments, or not a plain group=1 Conv)."""
     replacements: dict[tuple[int, int], np.ndarray] = {}
     fallbacks: list[str] = []
-    for edit, node, kept, weight, bias in _cut_consumers(model, analysis, keep_sets):
-        moments = attribution.moments.get(edit.node)
-        if moments is None or node.op_type != "Conv":
-            replacements[(edit.node, 2)] = _mean_bias(edit, node, kept, weight, bias, attribution)
-            fallbacks.append(node.name or node.output[0])
+    for consumer in _cut_consumers(model, analysis, keep_sets):
+        moments = attribution.moments.get(consumer.node)
+        if moments is None or not consumer.plain:
+            bias = _mean_bias(consumer, attribution)
+            if bias is not None:
+                replacements[(consumer.node, 2)] = bias
+            fallbacks.append(consumer.name)
             continue
+        weight = consumer.spec.weight
         second_moment = moments / moments[-1, -1]  # the last diagonal entry counts the pixels
-        taps = int(np.prod(weight.shape[2:]))
+        taps = int(np.prod(consumer.spec.kernel))
         features = weight.shape[1] * taps
-        theta = np.concatenate([weight.reshape(weight.shape[0], features), bias[:, None]], axis=1).astype(np.float64)
-        columns = kept_features(kept, taps, features)
+        theta = _theta(weight, consumer.bias)
+        columns = kept_features(consumer.kept, taps, features)
         new = theta.copy()
         new[:, columns] = refit(theta, second_moment, columns, ridge)
-        replacements[(edit.node, 1)] = new[:, :features].reshape(weight.shape).astype(weight.dtype)
-        replacements[(edit.node, 2)] = new[:, features].astype(weight.dtype)
+        replacements[(consumer.node, 1)] = new[:, :features].reshape(weight.shape).astype(weight.dtype)
+        replacements[(consumer.node, 2)] = new[:, features].astype(weight.dtype)
     return replacements, fallbacks
 
 
 def consumer_losses(model: onnx.ModelProto, analysis: ChannelAnalysis, keep_sets: dict[int, np.ndarray],
                     attribution: Attribution, replacements: dict[tuple[int, int], np.ndarray] | None) -> dict[int, float]:
     """Per group: the largest share of a consumer's output energy, E||y||^2 over the calibration pixels, that the cut
-    still loses after compensation (`replacements`; None = plain removal). Exact for consumers with moments; the
-    groups it names are the fragile ones, where the cut changes what the next layer sees."""
+    still loses after compensation (`replacements`; None = plain removal). Exact for plain convs with moments (the
+    others are not measured); the groups it names are the fragile ones, where the cut changes what the next layer
+    sees."""
     losses: dict[int, float] = {}
     replacements = replacements or {}
-    for edit, node, kept, weight, bias in _cut_consumers(model, analysis, keep_sets):
-        moments = attribution.moments.get(edit.node)
-        if moments is None or node.op_type != "Conv":
+    for consumer in _cut_consumers(model, analysis, keep_sets):
+        moments = attribution.moments.get(consumer.node)
+        if moments is None or not consumer.plain:
             continue
         second_moment = moments / moments[-1, -1]
-        taps = int(np.prod(weight.shape[2:]))
+        weight = consumer.spec.weight
+        taps = int(np.prod(consumer.spec.kernel))
         features = weight.shape[1] * taps
-
-        def theta(w: np.ndarray, b: np.ndarray) -> np.ndarray:
-            return np.concatenate([w.reshape(w.shape[0], features), b[:, None]], axis=1).astype(np.float64)
-
-        full = theta(weight, bias)
-        new = theta(replacements.get((edit.node, 1), weight), replacements.get((edit.node, 2), bias))
+        full = _theta(weight, consumer.bias)
+        new = _theta(replacements.get((consumer.node, 1), weight), replacements.get((consumer.node, 2), consumer.bias))
         mask = np.zeros(features + 1)
-        mask[kept_features(kept, taps, features)] = 1
+        mask[kept_features(consumer.kept, taps, features)] = 1
         energy = float(np.einsum("oi,ij,oj->", full, second_moment, full)) / full.shape[0]
         loss = reconstruction_error(new * mask, full, second_moment) / max(energy, 1e-12)
-        for seg in edit.channels.segments:
+        for seg in analysis.tensors[consumer.tensor].segments:
             keep = keep_sets.get(seg.group)
             if keep is not None and ((keep >= seg.start) & (keep < seg.stop)).sum() < seg.size:
                 losses[seg.group] = max(losses.get(seg.group, 0.0), loss)

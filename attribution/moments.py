@@ -16,11 +16,11 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx
+import onnx_graphsurgeon as gs
 import torch
 import torch.nn.functional as F
-from onnx import helper
 
-from disasm.compiler.channels import ChannelAnalysis
+from disasm.compiler.channels import ChannelAnalysis, conv_spec
 
 MAX_FEATURES = 2048
 
@@ -45,23 +45,20 @@ class Consumer:
 
 
 def find_consumers(model: onnx.ModelProto, analysis: ChannelAnalysis, max_features: int = MAX_FEATURES) -> list[Consumer]:
-    """The 2-D convs whose input channels a cut can remove, small enough for exact patch moments."""
-    shapes = {t.name: tuple(t.dims) for t in model.graph.initializer}
+    """The plain 2-D convs whose input channels a cut can remove, small enough for exact patch moments. Grouped
+    convs and ConvTranspose get none: the refit models a dense conv over its whole input patch."""
+    graph = gs.import_onnx(model)  # weights are read lazily, only the consumers'
     consumers = []
     for edit in analysis.edits:
-        node = model.graph.node[edit.node]
-        if edit.kind != "consume" or node.op_type != "Conv" or node.input[1] not in shapes:
+        node = graph.nodes[edit.node]
+        if edit.kind != "consume" or node.op != "Conv":
             continue
-        weight = shapes[node.input[1]]
-        if len(weight) != 4:
+        spec = conv_spec(node)
+        if spec is None or spec.group != 1 or len(spec.kernel) != 2:
             continue
-        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-        pads = tuple(attrs.get("pads", [0, 0, 0, 0]))
-        consumer = Consumer(edit.node, node.name, node.input[0], weight[1], (weight[2], weight[3]),
-                            tuple(attrs.get("strides", [1, 1])), tuple(attrs.get("dilations", [1, 1])),
-                            (pads[0], pads[1], pads[2], pads[3]),
-                            attrs.get("auto_pad", b"NOTSET").decode() if isinstance(attrs.get("auto_pad"), bytes)
-                            else attrs.get("auto_pad", "NOTSET"))
+        pads = spec.pads
+        consumer = Consumer(edit.node, node.name, node.inputs[0].name, spec.in_channels, spec.kernel, spec.strides,
+                            spec.dilations, (pads[0], pads[1], pads[2], pads[3]), spec.auto_pad)
         if consumer.features <= max_features:
             consumers.append(consumer)
     return consumers
