@@ -1046,6 +1046,7 @@ class _Interpolation:
     nearest_mode: str
     cubic_a: float = -0.75
     exclude_outside: bool = False
+    antialias: bool = False
 
 
 def _source_coordinates(n_in: int, n_out: int, scale: float, coordinate_mode: str) -> Tensor:
@@ -1112,10 +1113,39 @@ def _cubic_taps(coords: Tensor, n_in: int, a: float, exclude_outside: bool) -> t
     return taps.clamp(0, n_in - 1), weights
 
 
+def _antialias_taps(coords: Tensor, n_in: int, scale: float, how: _Interpolation) -> tuple[Tensor, Tensor]:
+    """antialias=1 (linear, cubic): Pillow's resampling, as ONNX Runtime and torch's antialias=True run it. When
+    shrinking, the filter is stretched by 1 / scale, so every input cell under the output cell's footprint counts.
+    Each output cell takes the cells whose centres lie within the filter's support around its own centre, weighted
+    by the filter and normalised to sum 1; cells outside the input repeat the edge value, or are dropped with
+    exclude_outside (the torch exporter sets it). Windows differ in width: the short ones are padded with weight 0."""
+    stretch = float(1 / _F32(scale)) if scale < 1 else 1.0
+    support = (1.0 if how.mode == "linear" else 2.0) * stretch
+    centre = coords.float() + 0.5  # float32, then the bounds in double, as ONNX Runtime rounds them
+    low = torch.floor((centre - support).double() + 0.5).long()
+    high = torch.floor((centre + support).double() + 0.5).long()
+    if how.exclude_outside:
+        low, high = low.clamp(min=0), high.clamp(max=n_in)
+    taps = low.unsqueeze(1) + torch.arange(int((high - low).max())).unsqueeze(0)
+    d = ((taps - centre.double().unsqueeze(1) + 0.5) / stretch).abs()
+    if how.mode == "linear":
+        weights = (1 - d).clamp(min=0)
+    else:
+        a = how.cubic_a
+        weights = torch.where(d < 1, ((a + 2) * d - (a + 3)) * d * d + 1,
+                              torch.where(d < 2, ((d - 5) * d + 8) * d * a - 4 * a, torch.zeros_like(d)))
+    weights = torch.where(taps < high.unsqueeze(1), weights, torch.zeros_like(weights))
+    total = weights.sum(1, keepdim=True)
+    weights = torch.where(total != 0, weights / total, weights)
+    return taps.clamp(0, n_in - 1), weights
+
+
 def _axis_taps(n_in: int, n_out: int, scale: float, how: _Interpolation) -> tuple[Tensor, Tensor | None]:
     coords = _source_coordinates(n_in, n_out, scale, how.coordinate_mode)
     if how.mode == "nearest":
         return _nearest_taps(coords, n_in, scale, how.nearest_mode), None
+    if how.antialias:
+        return _antialias_taps(coords, n_in, scale, how)
     if how.mode == "linear":
         return _linear_taps(coords, n_in)
     return _cubic_taps(coords, n_in, how.cubic_a, how.exclude_outside)
@@ -1143,7 +1173,7 @@ def _interpolate_fast(x: Tensor, scales: list[float], out_sizes: list[int], how:
     coordinate into the input the same way; floor choices at exact integers may differ, which linear interpolation
     does not see. Returns None where any condition fails."""
     rank = x.dim()
-    if how.mode != "linear" or rank not in (3, 4, 5) or scales[0] != 1.0 or scales[1] != 1.0:
+    if how.mode != "linear" or how.antialias or rank not in (3, 4, 5) or scales[0] != 1.0 or scales[1] != 1.0:
         return None
     axes = range(2, rank)
     if how.coordinate_mode == "align_corners":
@@ -1212,7 +1242,8 @@ def _interpolation(ctx: OpContext) -> _Interpolation:
     if ctx.opset < 11 or "coordinate_transformation_mode" not in ctx.attrs:  # Upsample and Resize-10
         return _Interpolation(mode, "asymmetric", "simple")
     return _Interpolation(mode, ctx.attrs["coordinate_transformation_mode"], ctx.attrs["nearest_mode"],
-                          ctx.attrs["cubic_coeff_a"], bool(ctx.attrs["exclude_outside"]))
+                          ctx.attrs["cubic_coeff_a"], bool(ctx.attrs["exclude_outside"]),
+                          bool(ctx.attrs.get("antialias", 0)))
 
 
 def _check_resize(ctx: OpContext) -> None:
@@ -1220,8 +1251,9 @@ def _check_resize(ctx: OpContext) -> None:
     _check_choice(ctx, "coordinate_transformation_mode", _COORDINATE_MODES)
     _check_choice(ctx, "nearest_mode", _NEAREST_MODES)
     _check_choice(ctx, "keep_aspect_ratio_policy", ["stretch", "not_larger", "not_smaller"])
-    if ctx.attrs.get("antialias", 0):
-        raise _bad_attr(ctx, "antialias", [0])
+    if ctx.attrs.get("antialias", 0) and ctx.attrs.get("mode", "nearest") == "nearest":
+        raise DisasmError(f"{ctx.label}: antialias=1 needs mode 'linear' or 'cubic'; ONNX Runtime refuses it with "
+                          "'nearest' as well.")
 
 
 def _resize_10(ctx: OpContext, x: Tensor, scales: Tensor) -> Tensor:

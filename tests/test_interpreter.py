@@ -449,6 +449,21 @@ def resize_cases() -> list[OpCase]:
         OpCase("Resize-18-axes-scales", "Resize", ["x", "", "k"], {"x": x}, {"k": _f32(2.5, 0.5)},
                {"mode": "cubic", "axes": [2, 3]}, opset=18),
     ]
+    # antialias (opset 18): F.interpolate(..., antialias=True) as the dynamo exporter writes it (exclude_outside=1),
+    # shrinking by integer and fractional factors, and growing (where the filter is not stretched)
+    big = _rand(1, 2, 11, 13, seed=12)
+    for mode, coord, exclude in itertools.product(["linear", "cubic"], ["half_pixel", "pytorch_half_pixel",
+                                                                        "align_corners", "asymmetric"], [0, 1]):
+        cases.append(OpCase(f"Resize-18-antialias-{mode}-{coord}-exclude{exclude}", "Resize", ["x", "", "", "s"],
+                            {"x": big}, {"s": _i64(1, 2, 4, 6)},
+                            {"mode": mode, "antialias": 1, "coordinate_transformation_mode": coord,
+                             "exclude_outside": exclude}, opset=18))
+    cases += [
+        OpCase("Resize-18-antialias-scales-shrink-and-grow", "Resize", ["x", "", "k"], {"x": big},
+               {"k": _f32(1, 1, 0.5, 1.6)}, {"mode": "linear", "antialias": 1}, opset=18),
+        OpCase("Resize-18-antialias-cubic-a-0.5-axes", "Resize", ["x", "", "", "s"], {"x": big}, {"s": _i64(3, 7)},
+               {"mode": "cubic", "antialias": 1, "cubic_coeff_a": -0.5, "axes": [2, 3]}, opset=18),
+    ]
     for policy in ["not_larger", "not_smaller"]:
         cases.append(OpCase(f"Resize-18-{policy}", "Resize", ["x", "", "", "s"], {"x": x}, {"s": _i64(9, 7)},
                             {"mode": "nearest", "axes": [2, 3], "keep_aspect_ratio_policy": policy}, opset=18))
@@ -557,7 +572,7 @@ GRADIENT_CASE_IDS = [
     "ReduceLogSumExp-18-input", "TopK-10-input", "GatherND-pooling-windows", "GatherND-batch-dims",
     "GatherElements-negative", "ScatterND-slices", "ScatterND-max", "ScatterElements-mul", "Trilu-lower-k",
     "GridSample-16-bilinear-zeros-align0", "GridSample-16-bicubic-border-align1", "MaxPool-indices-asymmetric-ceil",
-    "MaxUnpool",
+    "MaxUnpool", "Resize-18-antialias-cubic-half_pixel-exclude0",
 ]
 
 
@@ -946,9 +961,19 @@ def test_unknown_ops_are_all_named_at_construction() -> None:
 
 
 def test_unsupported_attribute_fails_at_construction() -> None:
-    node = helper.make_node("Resize", ["x", "", "k"], ["y"], mode="linear", antialias=1)
+    node = helper.make_node("Resize", ["x", "", "k"], ["y"], mode="linear",
+                            coordinate_transformation_mode="tf_crop_and_resize")
     model = make_model([node], {"x": _rand(1, 1, 4, 4)}, ["y"], {"k": _f32(1, 1, 0.5, 0.5)}, opset=18)
-    with pytest.raises(DisasmError, match=r"Resize node .*antialias=1 is not supported; supported values: 0"):
+    with pytest.raises(DisasmError, match=r"Resize node .*coordinate_transformation_mode='tf_crop_and_resize' is not "
+                                          r"supported; supported values: 'half_pixel'"):
+        TorchGraph(model)
+    node = helper.make_node("Resize", ["x", "", "k"], ["y"], mode="nearest", antialias=1)
+    model = make_model([node], {"x": _rand(1, 1, 4, 4)}, ["y"], {"k": _f32(1, 1, 0.5, 0.5)}, opset=18)
+    with pytest.raises(DisasmError, match=r"Resize node .*antialias=1 needs mode 'linear' or 'cubic'"):
+        TorchGraph(model)
+    node = helper.make_node("ScatterND", ["x", "i", "u"], ["y"], reduction="xor")
+    model = make_model([node], {"x": _rand(3), "u": _rand(1)}, ["y"], {"i": _i64(0).reshape(1, 1)}, opset=18)
+    with pytest.raises(DisasmError, match=r"ScatterND node .*reduction='xor' is not supported"):
         TorchGraph(model)
 
 
