@@ -916,6 +916,25 @@ def _one_hot(ctx: OpContext, indices: Tensor, depth: Tensor, values: Tensor) -> 
     return torch.where(hit, values[1], values[0])
 
 
+def _non_zero(ctx: OpContext, x: Tensor) -> Tensor:
+    """The coordinates of the non-zero cells, one column per cell in row-major order: shape (rank, count)."""
+    return torch.stack(torch.nonzero(x.reshape(-1) if x.dim() == 0 else x, as_tuple=True)).cpu()
+
+
+def _col2im(ctx: OpContext, x: Tensor, image_shape: Tensor, block_shape: Tensor) -> Tensor:
+    """F.fold (what the exporters write it as): sums the columns (N, C * block cells, blocks) back into the image.
+    Folds into the padded image, then crops, as torch pads only symmetrically."""
+    image, block = _ints(image_shape), _ints(block_shape)
+    spatial = len(image)
+    if spatial != 2:
+        raise DisasmError(f"{ctx.label}: only 2-D images are supported (F.fold), got image_shape {image}.")
+    strides, dilations = _window_attrs(ctx, spatial)
+    pads = ctx.attrs.get("pads") or [0] * (2 * spatial)
+    padded = [n + pads[i] + pads[i + spatial] for i, n in enumerate(image)]
+    y = F.fold(x, padded, block, dilation=dilations, padding=0, stride=strides)
+    return y[..., pads[0]:pads[0] + image[0], pads[1]:pads[1] + image[1]]
+
+
 def _trilu(ctx: OpContext, x: Tensor, k: Tensor | None = None) -> Tensor:
     diagonal = _ints(k)[0] if k is not None and k.numel() else 0
     return torch.triu(x, diagonal) if ctx.attrs["upper"] else torch.tril(x, diagonal)
@@ -1399,6 +1418,7 @@ OP_TABLE: Mapping[str, tuple[OpImpl, ...]] = {
     # shapes, indexing, data movement
     "Cast": _one(_cast, validate=_check_cast),
     "CastLike": (_op(15, _cast_like),),
+    "Col2Im": (_op(18, _col2im, host=[1, 2]),),
     "Concat": _one(_concat),
     "Constant": _one(_constant),
     "ConstantOfShape": _one(_constant_of_shape, host=[0]),
@@ -1410,6 +1430,7 @@ OP_TABLE: Mapping[str, tuple[OpImpl, ...]] = {
     "GatherElements": (_op(11, _gather_elements),),
     "GatherND": (_op(11, _gather_nd),),
     "Identity": _one(_identity),
+    "NonZero": (_op(9, _non_zero),),
     "OneHot": (_op(9, _one_hot, host=[1]),),
     "Pad": (_op(1, _pad_attr, validate=_check_pad), _op(11, _pad, host=[1, 2, 3], validate=_check_pad)),
     "Range": _one(_range, host=[0, 1, 2]),

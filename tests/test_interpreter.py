@@ -524,6 +524,14 @@ def indexing_cases() -> list[OpCase]:
                {"d": _i64(4), "v": _f32(-1, 2)}, opset=11),
         OpCase("OneHot-float-channel-axis", "OneHot", ["i", "d", "v"], {"i": _f32(0, 2, 1, 1).reshape(1, 2, 2)},
                {"d": np.array(3.0, np.float32), "v": _f32(0, 1)}, {"axis": 1}, opset=11),
+        OpCase("NonZero-float", "NonZero", ["x"], {"x": np.round(_rand(3, 4))}, opset=13),
+        OpCase("NonZero-bool-3d", "NonZero", ["x"], {"x": _rand(2, 3, 4) > 0.5}, opset=13),
+        # F.fold: columns of 2x3 blocks back into a 5x6 image
+        OpCase("Col2Im", "Col2Im", ["x", "i", "b"], {"x": _rand(2, 12, 16)}, {"i": _i64(5, 6), "b": _i64(2, 3)},
+               opset=18),
+        OpCase("Col2Im-strides-dilations-pads", "Col2Im", ["x", "i", "b"], {"x": _rand(1, 8, 9)},
+               {"i": _i64(6, 7), "b": _i64(2, 2)}, {"strides": [2, 2], "dilations": [1, 2], "pads": [1, 0, 0, 1]},
+               opset=18),
         OpCase("Trilu-upper", "Trilu", ["x"], {"x": _rand(2, 4, 5)}, opset=14),
         OpCase("Trilu-lower-k", "Trilu", ["x", "k"], {"x": _rand(2, 4, 5)}, {"k": np.array(-1, np.int64)},
                {"upper": 0}, opset=14),
@@ -572,7 +580,7 @@ GRADIENT_CASE_IDS = [
     "ReduceLogSumExp-18-input", "TopK-10-input", "GatherND-pooling-windows", "GatherND-batch-dims",
     "GatherElements-negative", "ScatterND-slices", "ScatterND-max", "ScatterElements-mul", "Trilu-lower-k",
     "GridSample-16-bilinear-zeros-align0", "GridSample-16-bicubic-border-align1", "MaxPool-indices-asymmetric-ceil",
-    "MaxUnpool", "Resize-18-antialias-cubic-half_pixel-exclude0",
+    "MaxUnpool", "Resize-18-antialias-cubic-half_pixel-exclude0", "Col2Im-strides-dilations-pads",
 ]
 
 
