@@ -1048,8 +1048,14 @@ def _matmul(ctx: _Context, index: int, node: gs.Node) -> None:
     if la is not None and lb is not None:
         ctx.block_inputs(node, f"{_label(node)} pairs the channels of both operands")
         return
-    lay, rank = (la, ra) if la is not None else (lb, rb)
-    ctx.layout[out.name] = TensorChannels(lay.axis + out_rank - rank, lay.segments)
+    lay, rank, other = (la, ra, b) if la is not None else (lb, rb, a)
+    axis = lay.axis + out_rank - rank
+    other_shape = _value_shape(other)
+    local = axis - (out_rank - len(other_shape))
+    if axis < out_rank - 2 and local >= 0 and other_shape[local] != 1:  # a batch axis the other operand also spans
+        ctx.block_inputs(node, f"{_label(node)} multiplies per channel with an operand of unknown channels")
+        return
+    ctx.layout[out.name] = TensorChannels(axis, lay.segments)
 
 
 def _read_shape(ctx: _Context, index: int, node: gs.Node) -> None:

@@ -28,17 +28,21 @@ def run(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
     return session.run(None, {session.get_inputs()[0].name: x})[0]
 
 
-def two_convs(kernel: int) -> onnx.ModelProto:
-    """x -> Conv 3x3 (3->8) -> Relu -> t -> Conv kxk (8->5, no bias) -> y. t's group is cut; y is the class head."""
+def two_convs(kernel: int, group: int = 1, weight_behind_identity: bool = False) -> onnx.ModelProto:
+    """x -> Conv 3x3 (3->8) -> Relu -> t -> Conv kxk (8->6, `group` groups, no bias) -> y. t's group is cut; y is the
+    class head. The consumer's weight may come through an Identity node, as unfolded exports write shared weights."""
     rng = np.random.default_rng(0)
     w1 = numpy_helper.from_array(rng.normal(size=(8, 3, 3, 3)).astype(np.float32), "w1")
     b1 = numpy_helper.from_array(rng.normal(size=8).astype(np.float32), "b1")
-    w2 = numpy_helper.from_array(rng.normal(size=(5, 8, kernel, kernel)).astype(np.float32), "w2")
+    w2 = numpy_helper.from_array(rng.normal(size=(6, 8 // group, kernel, kernel)).astype(np.float32), "w2")
     nodes = [helper.make_node("Conv", ["x", "w1", "b1"], ["a"], name="conv1", pads=[1, 1, 1, 1]),
              helper.make_node("Relu", ["a"], ["t"], name="relu"),
-             helper.make_node("Conv", ["t", "w2"], ["y"], name="conv2", pads=[kernel // 2] * 4)]
+             helper.make_node("Conv", ["t", "w2_read" if weight_behind_identity else "w2"], ["y"], name="conv2",
+                              pads=[kernel // 2] * 4, group=group)]
+    if weight_behind_identity:
+        nodes.insert(0, helper.make_node("Identity", ["w2"], ["w2_read"], name="shared_weight"))
     graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 12, 12])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 5, 12, 12])], [w1, b1, w2])
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 6, 12, 12])], [w1, b1, w2])
     return onnx.shape_inference.infer_shapes(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
 
 
@@ -66,16 +70,18 @@ def fake_attribution(tensor: str, mean: np.ndarray) -> Attribution:
                        {tensor: mean.astype(np.float64)}, np.zeros(5, np.int64), images=1)
 
 
-@pytest.mark.parametrize("kernel", [1, 3])
-def test_mean_folding_equals_channels_held_at_their_mean(kernel):
-    model = two_convs(kernel)
+@pytest.mark.parametrize("kernel,group,identity", [(1, 1, False), (3, 1, False), (1, 2, False), (1, 1, True)])
+def test_mean_folding_equals_channels_held_at_their_mean(kernel, group, identity):
+    """Also for a grouped consumer (each group folds its own removed inputs) and a weight read through Identity."""
+    model = two_convs(kernel, group, identity)
     analysis = analyse(model)
-    group = analysis.tensors["t"].segments[0].group
-    keep = np.array([0, 2, 5, 7])
+    group_id = analysis.tensors["t"].segments[0].group
+    keep = np.array([0, 2, 5, 7]) if group == 1 else np.array([0, 2])  # grouped: the same offsets in both groups
     mean = np.random.default_rng(1).uniform(0.5, 2.0, size=8)
-    replacements = mean_compensation(model, analysis, {group: keep}, fake_attribution("t", mean))
-    pruned = prune(model, analysis, {group: keep}, replacements=replacements)
-    removed = np.setdiff1d(np.arange(8), keep)
+    replacements = mean_compensation(model, analysis, {group_id: keep}, fake_attribution("t", mean))
+    assert list(replacements) == [(next(i for i, n in enumerate(model.graph.node) if n.name == "conv2"), 2)]
+    pruned = prune(model, analysis, {group_id: keep}, replacements=replacements)
+    removed = np.setdiff1d(np.arange(8), analysis.tensors["t"].kept_indices({group_id: keep}))
     reference = constant_channels_reference(model, "t", removed, mean)
     x = np.random.default_rng(2).normal(size=(1, 3, 12, 12)).astype(np.float32)
     got, expected = run(pruned, x), run(reference, x)
@@ -185,3 +191,62 @@ def test_output_loss_names_cut_groups_and_shrinks_with_compensation(calibrated):
     assert plain.keys() == compensated.keys() and set(plain) <= set(keep_sets)
     assert all(0 <= compensated[g] <= plain[g] + 1e-9 for g in plain)
     assert sum(compensated.values()) < sum(plain.values())
+
+
+def squeeze_excite_grouped() -> onnx.ModelProto:
+    """x -> conv 3x3 (3->8) -> Relu -> t; squeeze-excite through Gemm (8->4->8) gates t; then a grouped conv (g=2)
+    and a plain head. The cut consumers of t are a Gemm and a grouped conv: neither is refitted."""
+    rng = np.random.default_rng(0)
+
+    def w(name, *shape):
+        return numpy_helper.from_array(rng.normal(size=shape).astype(np.float32), name)
+
+    consts = [w("w1", 8, 3, 3, 3), w("b1", 8), w("g1", 4, 8), w("gb1", 4), w("g2", 8, 4), w("gb2", 8),
+              w("wg", 8, 4, 3, 3), w("bg", 8), w("wh", 5, 8, 1, 1), w("bh", 5),
+              numpy_helper.from_array(np.array([1, 8, 1, 1], np.int64), "gate_shape")]
+    nodes = [helper.make_node("Conv", ["x", "w1", "b1"], ["a"], pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["a"], ["t"]),
+             helper.make_node("GlobalAveragePool", ["t"], ["pooled"]),
+             helper.make_node("Flatten", ["pooled"], ["flat"]),
+             helper.make_node("Gemm", ["flat", "g1", "gb1"], ["s1"], name="squeeze", transB=1),
+             helper.make_node("Relu", ["s1"], ["s2"]),
+             helper.make_node("Gemm", ["s2", "g2", "gb2"], ["e1"], name="excite", transB=1),
+             helper.make_node("Sigmoid", ["e1"], ["e2"]),
+             helper.make_node("Reshape", ["e2", "gate_shape"], ["gate"]),
+             helper.make_node("Mul", ["t", "gate"], ["u"]),
+             helper.make_node("Conv", ["u", "wg", "bg"], ["v0"], name="grouped", group=2, pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["v0"], ["v"]),
+             helper.make_node("Conv", ["v", "wh", "bh"], ["y"], name="head")]
+    graph = helper.make_graph(nodes, "se", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 12, 12])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 5, 12, 12])], consts)
+    return onnx.shape_inference.infer_shapes(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+
+
+def test_gemm_and_grouped_consumers_are_compensated_only_where_the_math_holds():
+    from disasm.attribution.calibration import observed_tensors
+
+    model = squeeze_excite_grouped()
+    analysis = analyse(model)
+    consumers = find_consumers(model, analysis)
+    assert "head" in [c.name for c in consumers] and "grouped" not in [c.name for c in consumers]  # plain convs only
+    x = np.random.default_rng(0).normal(size=(8, 3, 12, 12)).astype(np.float32)
+    attribution = attribute(TorchGraph(model), x, observed_tensors(analysis), 5, "logits",
+                            AttributionSettings(batch_size=1), consumers=consumers)  # the Reshape fixes batch 1
+    rng = np.random.default_rng(1)
+    keep_sets = {g.id: np.sort(rng.choice(g.size, max(1, g.size // 2), replace=False))
+                 for g in analysis.groups if g.prunable and g.id != analysis.class_group}
+    index = {n.name: i for i, n in enumerate(model.graph.node) if n.name}
+    assert analysis.groups[analysis.tensors["t"].segments[0].group].prunable
+    replacements, fallbacks = lsq_compensation(model, analysis, keep_sets, attribution)
+    assert fallbacks == ["grouped"]                                    # mean fold instead of a refit
+    assert (index["grouped"], 2) in replacements and (index["grouped"], 1) not in replacements
+    assert (index["head"], 1) in replacements                          # refitted
+    assert not any(node in (index["squeeze"], index["excite"]) for node, _ in replacements)  # cut plainly
+    assert set(mean_compensation(model, analysis, keep_sets, attribution)) == \
+        {(index["grouped"], 2), (index["head"], 2)}
+    losses = consumer_losses(model, analysis, keep_sets, attribution, replacements)
+    assert set(losses) <= set(keep_sets)
+    pruned = prune(model, analysis, keep_sets, replacements=replacements)
+    onnx.checker.check_model(pruned, full_check=True)
+    expected = run(masked_reference(model, analysis, keep_sets, replacements), x[:1])
+    np.testing.assert_allclose(run(pruned, x[:1]), expected, atol=1e-4, rtol=1e-4)

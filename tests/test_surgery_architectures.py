@@ -10,9 +10,12 @@ and keeps whole (with a reason) what it cannot prove safe.
 
 from __future__ import annotations
 
+import json
+import sys
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -28,6 +31,8 @@ from disasm.compiler.cost import model_cost
 from disasm.compiler.prune import masked_reference, prune
 
 CLASSES = 5
+ROOT = Path(__file__).resolve().parents[1]
+CORPUS = ROOT.parent / "shared" / "corpus"  # third-party models (shared/corpus/README.md), not part of the repository
 
 
 @dataclass(frozen=True)
@@ -393,3 +398,49 @@ def test_softmax_head_keeps_chosen_classes_by_a_gather_exactly(cases, exporter):
     onnx.checker.check_model(pruned, full_check=True)
     expected = np.take(run(masked_reference(case.model, analysis, keep_sets), case.image), classes, axis=case.class_axis)
     np.testing.assert_allclose(run(pruned, case.image), expected, atol=1e-4, rtol=1e-4)
+
+
+def corpus_names() -> list[str]:
+    if not (CORPUS / "corpus.json").exists():
+        return []
+    return [entry["name"] for entry in json.loads((CORPUS / "corpus.json").read_text())["models"]]
+
+
+def corpus_image(model, rng: np.random.Generator) -> np.ndarray:
+    """One random image as the model takes it: pixels in 0..255, normalised by its mean/std, in its layout; dynamic
+    sizes become 16k+1 (what stride-16 models like BodyPix want)."""
+    pre = model.preprocessing
+    h, w = model.image_size or (257, 257)
+    pixels = rng.uniform(0, 255, size=(1, h, w, pre.channels))
+    x = ((pixels - np.array(pre.mean)) / np.array(pre.std)).astype(np.float32)
+    return x if pre.layout == "nhwc" else x.transpose(0, 3, 1, 2).copy()
+
+
+@pytest.mark.skipif(not corpus_names(), reason="no model corpus at ../shared/corpus")
+@pytest.mark.parametrize("name", corpus_names())
+def test_corpus_model_prunes_exactly(name):
+    """Every third-party model, loaded as disasm-compile loads it: a random keep-set over its cuttable groups gives
+    a valid model equal to the masked reference (on the kept classes)."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from corpus_models import corpus_entries, load_corpus_model
+
+    model = load_corpus_model(CORPUS, next(e for e in corpus_entries(CORPUS) if e["name"] == name))
+    analysis = analyse(model.proto)
+    assert any(g.prunable for g in analysis.groups if g.id != analysis.class_group)
+    rng = np.random.default_rng(0)
+    x = corpus_image(model, rng)
+    for _ in range(5):  # a keep-set that empties a Split/Slice output is refused: draw again
+        keep_sets = {g.id: np.sort(rng.choice(g.size, rng.integers(1, g.size + 1), replace=False))
+                     for g in analysis.groups if g.prunable}
+        try:
+            pruned = prune(model.proto, analysis, keep_sets)
+            break
+        except ValueError as e:
+            assert "remove every channel" in str(e)
+    onnx.checker.check_model(pruned, full_check=True)
+    expected = run(masked_reference(model.proto, analysis, keep_sets), x)
+    if analysis.class_group in keep_sets:
+        expected = np.take(expected, keep_sets[analysis.class_group], axis=model.class_axis)
+    got = run(pruned, x)
+    assert got.shape == expected.shape
+    np.testing.assert_allclose(got, expected, atol=1e-4, rtol=1e-4)
