@@ -1023,3 +1023,28 @@ def test_cuda_matches_cpu(exported) -> None:
     torch.testing.assert_close(out["out"].detach().cpu(), on_cpu.detach(), rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(TorchGraph(_mixed_graph(), device="cuda").run({"x": x[:, :2, :4, :4]})["y"].cpu(),
                                TorchGraph(_mixed_graph()).run({"x": x[:, :2, :4, :4]})["y"], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_golden_cases_and_decoders_match_cpu(decoder_exports) -> None:
+    """Every golden case, and the exported decoders with a gradient, give the CPU's values on CUDA: index tensors,
+    host inputs and constants cross devices in every op. (Tolerances allow cuDNN's TF32 convolutions.)"""
+    for case in GOLDEN:
+        feeds = {name: torch.from_numpy(np.asarray(value)) for name, value in case.feeds.items()}
+        with torch.no_grad():
+            on_cpu = TorchGraph(case.model()).run(feeds)
+            on_cuda = TorchGraph(case.model(), device="cuda").run(feeds)
+        for name, want in on_cpu.items():
+            torch.testing.assert_close(on_cuda[name].cpu(), want, rtol=1e-3, atol=1e-3, equal_nan=True,
+                                       msg=lambda text, case=case: f"{case.id}: {text}")
+    for name in ("pyramid", "transformer"):
+        _, proto = decoder_exports(name, "dynamo-18")
+        x = DECODER_INPUTS[name]
+        capture = next(n.output[0] for n in proto.graph.node if n.op_type in ("Relu", "LayerNormalization"))
+        grads = []
+        for device in ("cpu", "cuda"):
+            out = TorchGraph(proto, device=device).run({"image": x}, capture=[capture])
+            weights = torch.from_numpy(_rand(*out["out"].shape, seed=16)).to(device)
+            grads.append(torch.autograd.grad((out["out"] * weights).sum(), [out[capture]])[0].cpu())
+        torch.testing.assert_close(grads[1], grads[0], rtol=1e-3, atol=1e-4)
