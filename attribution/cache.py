@@ -19,7 +19,9 @@ import numpy as np
 from disasm.attribution.disassembler import Attribution
 from disasm.compiler.files import write_atomic
 
-FORMAT = 2  # bump when the stored arrays change: older entries are then never read
+# Bump when the stored arrays, or what they mean, change: older entries are then never read. 3: logits behind a final
+# Softmax/Sigmoid are back-propagated, fallback masks, predicted_pixels / mask_pixels / fallback arrays.
+FORMAT = 3
 
 
 @dataclass(frozen=True)
@@ -47,7 +49,9 @@ def images_digest(paths: list[Path]) -> str:
 
 
 def _arrays(attribution: Attribution) -> dict[str, np.ndarray]:
-    arrays = {"images_per_class": attribution.images_per_class, "images": np.array(attribution.images)}
+    arrays = {"images_per_class": attribution.images_per_class, "images": np.array(attribution.images),
+              "predicted_pixels": attribution.predicted_pixels, "mask_pixels": attribution.mask_pixels,
+              "fallback": attribution.fallback}
     for i, t in enumerate(attribution.tensors):
         arrays[f"forward/{i}"] = attribution.forward_sum[t]
         arrays[f"backward/{i}"] = attribution.backward_sum[t]
@@ -66,7 +70,8 @@ def save(folder: Path, key: CacheKey, attribution: Attribution) -> Path:
     write_atomic(folder / f"{digest}.npz", npz.getvalue())
     meta = {"format": FORMAT, "model_sha256": key.model_sha256, "images_sha256": key.images_sha256,
             "settings": key.settings, "tensors": list(key.tensors), "consumers": list(key.consumers),
-            "images": attribution.images}
+            "images": attribution.images,
+            "fallback_pixels": {str(k): pixels for k, pixels in attribution.fallback_pixels().items()}}
     write_atomic(folder / f"{digest}.json", json.dumps(meta, indent=2, sort_keys=True).encode())
     return folder / f"{digest}.npz"
 
@@ -86,6 +91,7 @@ def load(folder: Path, key: CacheKey) -> Attribution | None:
                 {t: data[f"mean/{i}"] for i, t in enumerate(tensors)},
                 data["images_per_class"], int(data["images"]),
                 {node: data[f"moments/{node}"] for node in key.consumers},
-                {t: data[f"taylor/{i}"] for i, t in enumerate(tensors)})
+                {t: data[f"taylor/{i}"] for i, t in enumerate(tensors)},
+                data["predicted_pixels"], data["mask_pixels"], data["fallback"])
     except (OSError, KeyError, ValueError):
         return None
