@@ -17,7 +17,7 @@ from disasm.attribution.disassembler import AttributionSettings
 from disasm.attribution.select import SelectionSettings
 from disasm.compiler.channels import analyse
 from disasm.compiler.cli import main as compile_main
-from disasm.compiler.cli import specialise
+from disasm.compiler.pipeline import specialise
 from disasm.compiler.images import load_images, preprocess, scan_images
 from disasm.compiler.load import load_model
 
@@ -55,6 +55,12 @@ def test_two_processes_equal_one(distributed_cache):
     shared = attribution_cache.load(cache, key)
     assert shared is not None and shared.images == single.images == 10
     np.testing.assert_array_equal(shared.images_per_class, single.images_per_class)
+    # one category of these ten images is never confident but predicted: both runs fall back alike, although the
+    # shards each see only part of its pixels
+    assert single.fallback.any()
+    for a, b in ((shared.fallback, single.fallback), (shared.mask_pixels, single.mask_pixels),
+                 (shared.predicted_pixels, single.predicted_pixels)):
+        np.testing.assert_array_equal(a, b)
     for t in single.tensors:
         for a, b in ((shared.forward_sum, single.forward_sum), (shared.backward_sum, single.backward_sum),
                      (shared.mean_sum, single.mean_sum), (shared.taylor_sum, single.taylor_sum)):
@@ -70,6 +76,7 @@ def test_two_processes_equal_one(distributed_cache):
 def test_compile_reuses_the_distributed_attribution(distributed_cache, tmp_path):
     images, cache = distributed_cache
     out = tmp_path / "out"
-    assert compile_main([str(EXAMPLE), "--categories", "ring", "--images", str(images), "--cache", str(cache),
-                         "--out", str(out), "--runs", "2", "--quiet"]) == 0
+    # with --eval-images, every image of --images calibrates (none is held out), as in the distributed run
+    assert compile_main([str(EXAMPLE), "--categories", "ring", "--images", str(images), "--eval-images", str(images),
+                         "--cache", str(cache), "--out", str(out), "--runs", "2", "--quiet"]) == 0
     assert json.loads((out / "report.json").read_text())["attribution"]["cache_hit"] is True
