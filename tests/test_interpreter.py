@@ -809,7 +809,32 @@ class TransformerDecoderNet(torch.nn.Module):
         return F.interpolate(logits, size=x.shape[-2:], mode="bicubic", align_corners=False)
 
 
-DECODER_INPUTS = {"pyramid": torch.from_numpy(_rand(1, 3, 26, 30, seed=15)), "transformer": NET_INPUT}
+class InterpolateNet(torch.nn.Module):
+    """F.interpolate as decoders call it: nearest x2, bilinear by a fractional factor, bicubic with align_corners to
+    a size, bilinear back to x.shape[-2:]; with antialias=True, a Pillow-style shrink first (the dynamo exporter
+    writes Resize antialias=1; the TorchScript exporter refuses it)."""
+
+    def __init__(self, antialias: bool = False) -> None:
+        super().__init__()
+        self.antialias = antialias
+        self.conv = torch.nn.Conv2d(3, 4, 3, padding=1)
+        self.head = torch.nn.Conv2d(12, 3, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.conv(x))
+        if self.antialias:
+            h = F.interpolate(h, scale_factor=0.5, mode="bicubic", antialias=True)
+        near = F.interpolate(h, scale_factor=2.0, mode="nearest")
+        frac = F.interpolate(h, scale_factor=1.5, mode="bilinear", align_corners=False)
+        cubic = F.interpolate(h, size=(17, 19), mode="bicubic", align_corners=True)
+        size = x.shape[-2:]
+        branches = [F.interpolate(b, size=size, mode="bilinear", align_corners=False) for b in (near, frac, cubic)]
+        return self.head(torch.cat(branches, 1))
+
+
+DECODERS = {"pyramid": PyramidPoolingNet, "transformer": TransformerDecoderNet, "interpolate": InterpolateNet,
+            "interpolate-antialias": lambda: InterpolateNet(antialias=True)}
+DECODER_INPUTS = {"pyramid": torch.from_numpy(_rand(1, 3, 26, 30, seed=15))}
 
 
 @pytest.fixture(scope="module")
@@ -819,9 +844,9 @@ def decoder_exports(tmp_path_factory: pytest.TempPathFactory):
     def get(name: str, exporter: str) -> tuple[torch.nn.Module, onnx.ModelProto]:
         if (name, exporter) not in cache:
             torch.manual_seed(0)
-            model = _randomise_batch_norms(PyramidPoolingNet() if name == "pyramid" else TransformerDecoderNet())
+            model = _randomise_batch_norms(DECODERS[name]())
             path = tmp_path_factory.mktemp(f"{name}-{exporter}") / "model.onnx"
-            cache[name, exporter] = model, _export(model, exporter, path, DECODER_INPUTS[name])
+            cache[name, exporter] = model, _export(model, exporter, path, DECODER_INPUTS.get(name, NET_INPUT))
         return cache[name, exporter]
 
     return get
@@ -861,7 +886,17 @@ def test_transformer_decoder_export_matches_onnxruntime_with_gradients(decoder_e
     ops = {n.op_type for n in proto.graph.node}
     assert {"Einsum", "LayerNormalization", "CumSum", "ReduceL2", "DepthToSpace", "ConvTranspose"} <= ops
     norm = next(n.output[0] for n in proto.graph.node if n.op_type == "LayerNormalization")
-    _check_export_and_gradient(model, proto, DECODER_INPUTS["transformer"], norm)
+    _check_export_and_gradient(model, proto, NET_INPUT, norm)
+
+
+@pytest.mark.parametrize(("name", "exporter"), [("interpolate", "torchscript-13"), ("interpolate", "torchscript-17"),
+                                                ("interpolate", "dynamo-18"), ("interpolate-antialias", "dynamo-18")])
+def test_interpolate_variants_match_onnxruntime_with_gradients(decoder_exports, name: str, exporter: str) -> None:
+    model, proto = decoder_exports(name, exporter)
+    antialiased = [n for n in proto.graph.node for a in n.attribute if a.name == "antialias" and a.i == 1]
+    assert len(antialiased) == (name == "interpolate-antialias")
+    relu = next(n.output[0] for n in proto.graph.node if n.op_type == "Relu")
+    _check_export_and_gradient(model, proto, NET_INPUT, relu)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -1040,7 +1075,7 @@ def test_cuda_golden_cases_and_decoders_match_cpu(decoder_exports) -> None:
                                        msg=lambda text, case=case: f"{case.id}: {text}")
     for name in ("pyramid", "transformer"):
         _, proto = decoder_exports(name, "dynamo-18")
-        x = DECODER_INPUTS[name]
+        x = DECODER_INPUTS.get(name, NET_INPUT)
         capture = next(n.output[0] for n in proto.graph.node if n.op_type in ("Relu", "LayerNormalization"))
         grads = []
         for device in ("cpu", "cuda"):
