@@ -392,19 +392,45 @@ def _contract(fidelity: dict[str, Any], search: dict[str, Any], target: float, j
     return {"min_fidelity": target, "met": met, "message": message}
 
 
-def _judged_images(request: Request, calib: ImageFolder, size, model: Model) -> tuple[list[Path], list[Path], str]:
-    """(calibration paths, judged paths, a sentence saying which images are judged)."""
+@dataclass
+class _Images:
+    calibration: list[Path]
+    calibration_inputs: np.ndarray
+    judged: list[Path]
+    judged_inputs: np.ndarray
+    masks: np.ndarray | None  # ground truth of the judged images
+    source: str               # which images are judged, in a sentence
+    skipped: list[Path]       # unreadable files, skipped
+
+
+def _images(request: Request, model: Model, size: tuple[int, int] | None) -> _Images:
+    """Calibration and judged images, preprocessed. Judged: --eval-images, else every HOLD_OUT_EVERY-th image of
+    --images, held out from attribution and compensation. Every image and mask is checked, held out or not."""
+    calib = scan_images(request.images, request.recursive, size)
+    _warn_skipped(calib)
+    pixels = load_images(calib.paths, size, request.resize)
     if request.eval_images:
         evaluation = scan_images(request.eval_images, request.recursive, size)
         _warn_skipped(evaluation)
-        return calib.paths, evaluation.paths, f"{len(evaluation.paths)} images of --eval-images {request.eval_images}"
+        masks = load_masks(request.masks, evaluation, size, len(model.classes)) if request.masks else None
+        return _Images(calib.paths, preprocess(pixels, model.preprocessing), evaluation.paths,
+                       preprocess(load_images(evaluation.paths, size, request.resize), model.preprocessing), masks,
+                       f"{len(evaluation.paths)} images of --eval-images {request.eval_images}",
+                       [p for p, _ in calib.skipped + evaluation.skipped])
+    masks = load_masks(request.masks, calib, size, len(model.classes)) if request.masks else None
+    inputs = preprocess(pixels, model.preprocessing)
     if len(calib.paths) < 2:
-        return calib.paths, calib.paths, (f"the only calibration image ({calib.paths[0].name}), since no "
-                                          f"--eval-images were given: not held out, so fidelity is optimistic")
-    held = calib.paths[HOLD_OUT_EVERY - 1::HOLD_OUT_EVERY] or calib.paths[-1:]
-    used = [p for p in calib.paths if p not in held]
-    return used, held, (f"{len(held)} images held out of --images (every {HOLD_OUT_EVERY}th), not used by "
-                        f"attribution or compensation")
+        return _Images(calib.paths, inputs, calib.paths, inputs, masks,
+                       "the only calibration image, since no --eval-images were given: it is not held out, so the "
+                       "fidelity is optimistic", [p for p, _ in calib.skipped])
+    held = np.zeros(len(calib.paths), bool)
+    held[HOLD_OUT_EVERY - 1::HOLD_OUT_EVERY] = True
+    held[-1] |= not held.any()
+    return _Images([p for p, h in zip(calib.paths, held) if not h], inputs[~held],
+                   [p for p, h in zip(calib.paths, held) if h], inputs[held],
+                   None if masks is None else masks[held],
+                   f"{int(held.sum())} images held out of --images (every {HOLD_OUT_EVERY}th), not used by "
+                   f"attribution or compensation", [p for p, _ in calib.skipped])
 
 
 def _warn_skipped(folder: ImageFolder) -> None:
@@ -435,15 +461,9 @@ def compile_model(request: Request, stages: Stages | None = None) -> Report:
     categories = parse_categories(request.categories, model)
     out = output_dir(request, categories)
     size = input_size(model, request)
-    calib = scan_images(request.images, request.recursive, size)
-    _warn_skipped(calib)
-    calib_paths, judged_paths, judged = _judged_images(request, calib, size, model)
-    masks = None
-    if request.masks:
-        judged_folder = ImageFolder(request.eval_images or request.images, judged_paths, recursive=request.recursive)
-        masks = load_masks(request.masks, judged_folder, size, len(model.classes))
-    calib_inputs = preprocess(load_images(calib_paths, size, request.resize), model.preprocessing)
-    judged_inputs = preprocess(load_images(judged_paths, size, request.resize), model.preprocessing)
+    images = _images(request, model, size)
+    calib_paths, calib_inputs, judged_inputs, judged = (images.calibration, images.calibration_inputs,
+                                                        images.judged_inputs, images.source)
     batch_size = request.attribution.batch_size if model.input_shape[0] is None else 1  # a static batch of 1
     attribution_settings = replace(request.attribution, batch_size=batch_size)
     inputs = {"layout": model.preprocessing.layout, "class_axis": model.class_axis, "output": model.output_kind,
@@ -477,7 +497,7 @@ def compile_model(request: Request, stages: Stages | None = None) -> Report:
         for i in range(len(judged_inputs)):
             outputs.append(full_runner.infer(judged_inputs[i:i + 1])[0])
             progress(i + 1)
-    judge = _Judge(judged_inputs, masks, judged, outputs)
+    judge = _Judge(judged_inputs, images.masks, judged, outputs)
     result, fidelity, search = search_budget(model, analysis, attribution, categories, request, settings, judge,
                                              input_shape, stages)
     fidelity = fidelity | {"source": judged}
@@ -515,9 +535,9 @@ def compile_model(request: Request, stages: Stages | None = None) -> Report:
                  "pruned": asdict(stats["pruned"]), "speedup": speedup(stats["full"], stats["pruned"]),
                  "baseline": "the full model as loaded (constants folded, one head), same session options"},
         channels=channels_report(analysis, result),
-        images={"calibration": len(calib_paths), "judged": len(judged_paths), "judged_source": judged,
-                "calibration_skipped": [str(p) for p, _ in calib.skipped], "size": inputs["size"],
-                "resize": request.resize, "masks": masks is not None},
+        images={"calibration": len(calib_paths), "judged": len(images.judged), "judged_source": judged,
+                "skipped": len(images.skipped), "skipped_files": [str(p) for p in images.skipped], "size": inputs["size"], "resize": request.resize,
+                "masks": images.masks is not None},
         calibration={"confident_images_per_class": dict(zip(model.classes, attribution.images_per_class.tolist()))},
         attribution={"cache_hit": cache_hit, "cache": str(cache_dir) if cache_dir else None,
                      "tensors": len(attribution.tensors), "consumers_with_moments": len(attribution.moments)},

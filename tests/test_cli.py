@@ -157,8 +157,8 @@ def test_unreadable_images_are_skipped_and_counted(small_data, tmp_path):
     args[args.index("--images") + 1] = str(calib)
     assert main(args) == 0
     report = json.loads((tmp_path / "o" / "report.json").read_text())
-    assert report["images"]["calibration_skipped"] == [str(calib / "broken.png")]
-    assert report["images"]["calibration"] == 16
+    assert report["images"]["skipped_files"] == [str(calib / "broken.png")]
+    assert report["images"]["calibration"] + report["images"]["judged"] == 16
 
 
 def test_existing_output_folder_needs_force(capsys, compiled, small_data):

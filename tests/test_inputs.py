@@ -24,7 +24,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 from PIL import Image
 
-from disasm.compiler import cli
+from disasm.compiler import pipeline
 from disasm.compiler.cli import main
 from disasm.compiler.images import load_masks, scan_images
 from disasm.compiler.load import Overrides, load_model
@@ -144,7 +144,7 @@ def test_nhwc_tf2onnx_model_at_opset_9(data, tmp_path):
                                                  "--round-to", "4"))
     assert (report["model"]["layout"], report["model"]["class_axis"], report["model"]["output"]) == ("nhwc", 3, "logits")
     assert report["model"]["sources"]["layout"].startswith("graph: Transpose")
-    assert report["kept_classes"] == ["background", "red", "green"] and report["class_output"]["sliced_at"] == "class conv"
+    assert report["kept_classes"] == ["background", "red", "green"] and report["output"]["class_conv"].startswith("kept whole")
     inner = [g for g in report["channels"]["per_group"] if g["depth"] in (1, 2)]
     assert [(g["size"], g["kept"] + g["padded"]) for g in inner] == [(8, 4), (16, 8)]  # both convs inside lose half
     assert report["fidelity"]["miou_full"] is not None and report["images"]["masks"]
@@ -154,18 +154,20 @@ def test_nhwc_tf2onnx_model_at_opset_9(data, tmp_path):
 
 def test_softmax_probability_output(data, tmp_path):
     """A Softmax over the classes is read as probabilities. Slicing the class conv would renormalise them, so the
-    class conv stays whole and the chosen classes are gathered after the Softmax: with nothing else cut, the pruned
-    output is exactly the full model's probabilities of those classes."""
+    class conv stays whole and the chosen classes are taken after the Softmax: with nothing else cut, the pruned
+    output is exactly the full model's probabilities of those classes, and "none" (background) is the largest
+    probability of the others (background, blue)."""
     model = save(seg_model(head="softmax"), tmp_path / "probs.onnx")
     out = tmp_path / "out"
     report, _, meta = compiled(compile_args(model, data, out, "--keep-ratio", "1"))
     assert report["model"]["output"] == "probs" and report["model"]["sources"]["output"].startswith("graph: Softmax")
-    assert report["class_output"]["sliced_at"] == "output (Gather)"
-    assert "Softmax" in report["class_output"]["class_conv_kept_whole_because"]
+    assert report["output"]["class_conv"].startswith("kept whole")
+    assert "Softmax" in report["output"]["class_conv_kept_whole_because"]
     assert report["kept_classes"] == ["background", "red", "green"] and meta["disasm.output"] == "probs"
     x = np.random.default_rng(0).normal(size=(1, 3, SIZE, SIZE)).astype(np.float32)
     full = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"]).run(None, {"image": x})[0]
-    np.testing.assert_allclose(run_pruned(out, x), full[:, [0, 1, 2]], atol=1e-5, rtol=1e-5)
+    expected = np.concatenate([full[:, [0, 3]].max(1, keepdims=True), full[:, [1, 2]]], axis=1)
+    np.testing.assert_allclose(run_pruned(out, x), expected, atol=1e-5, rtol=1e-5)
 
 
 def test_sigmoid_multi_label_head_and_preprocessing_flags(data, tmp_path):
@@ -331,7 +333,7 @@ def test_skipped_images_are_counted_on_the_terminal_and_in_the_report(capsys, da
     argv = compile_args(model, data, tmp_path / "out")
     argv[argv.index("--images") + 1] = str(images)
     report, _, _ = compiled(argv)
-    assert report["images"]["skipped"] == 1 and report["images"]["calibration"] == 6
+    assert report["images"]["skipped"] == 1 and report["images"]["calibration"] + report["images"]["judged"] == 6
     assert "skipped 1 unreadable file(s)" in capsys.readouterr().err
 
 
@@ -342,7 +344,7 @@ def test_internal_error_traceback_only_with_verbose(capsys, monkeypatch, data, t
     def broken(*args, **kwargs):
         raise RuntimeError("boom")
 
-    monkeypatch.setattr(cli, "analyse", broken)
+    monkeypatch.setattr(pipeline, "analyse", broken)
     model = save(seg_model(), tmp_path / "m.onnx")
     assert main(compile_args(model, data, tmp_path / "out", *(["--verbose"] if verbose else []))) == 1
     err = capsys.readouterr().err

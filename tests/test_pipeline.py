@@ -1,0 +1,144 @@
+"""The compile flow as a library: chosen-or-none outputs, the budget search and its contract, several heads, and the
+import direction shared/DESIGN.md sets."""
+
+from __future__ import annotations
+
+import ast
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import helper
+
+from disasm.attribution.select import SelectionSettings
+from disasm.compiler import pipeline
+from disasm.compiler.errors import DisasmError
+from disasm.compiler.load import Overrides, load_model
+from disasm.compiler.outputs import add_output_head, plan_outputs
+from disasm.compiler.pipeline import Request, compile_model
+from test_inputs import LABELS, save, seg_model, write_scene
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def scenes(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("scenes")
+    for i in range(8):
+        write_scene(root / "calib" / f"s{i}.png", None, seed=i)
+        write_scene(root / "judged" / f"s{i}.png", None, seed=100 + i)
+    return root
+
+
+def _mapped_full_answer(full: np.ndarray, classes: tuple[str, ...], names: tuple[str, ...], none: int) -> np.ndarray:
+    answer = np.full(full.shape[:1] + full.shape[2:], none)
+    winner = full.argmax(1)
+    for position, name in enumerate(names):
+        if name in classes and position != none:
+            answer[winner == classes.index(name)] = position
+    return answer
+
+
+@pytest.mark.parametrize("head, background", [(None, True), ("softmax", True), (None, False)])
+def test_uncut_output_head_answers_exactly_the_mapped_full_argmax(tmp_path, head, background):
+    labels = LABELS if background else "sky,red,green,blue"
+    model = load_model(save(seg_model(head=head), tmp_path / "m.onnx"), labels)
+    plan = plan_outputs(model.classes, ["green"], model.background, model.output_kind)
+    assert plan.names == (("background", "green") if background else ("green", "other"))
+    x = np.random.default_rng(0).standard_normal((4, 3, 16, 16)).astype(np.float32) * 3
+    full = ort.InferenceSession(model.proto.SerializeToString()).run(None, {"image": x})[0]
+    headed = add_output_head(model.proto, plan, 1)
+    onnx.checker.check_model(headed)
+    pruned = ort.InferenceSession(headed.SerializeToString()).run(None, {"image": x})[0]
+    assert pruned.shape == (4, 2, 16, 16)
+    np.testing.assert_array_equal(pruned.argmax(1), _mapped_full_answer(full, model.classes, plan.names,
+                                                                         plan.none_index))
+    assert (pruned.argmax(1) == plan.names.index("green")).any()  # the chosen class is answered somewhere
+
+
+def _request(tmp_path: Path, scenes: Path, **changes) -> Request:
+    model = save(seg_model(), tmp_path / "m.onnx")
+    return replace(Request(model=model, categories="red,green", images=scenes / "calib",
+                           eval_images=scenes / "judged", labels=LABELS, out=tmp_path / "out", no_cache=True,
+                           engines=False, runs=1, compensate="mean",
+                           selection=SelectionSettings(round_to=1)), **changes)
+
+
+def test_search_returns_the_smallest_model_that_meets_the_target(tmp_path, scenes, monkeypatch):
+    monkeypatch.setattr(pipeline, "ALPHAS", (0.0, 0.3, 0.6, 0.9))
+    report = compile_model(_request(tmp_path, scenes, min_fidelity=0.75))
+    trials, chosen = report.search["trials"], report.search["trials"][report.search["chosen"]]
+    assert report.contract["met"] and chosen["category_fidelity"] >= 0.75 and chosen["macs_ratio"] < 1
+    passing = [t for t in trials if t["category_fidelity"] is not None and t["category_fidelity"] >= 0.75]
+    assert chosen["macs_ratio"] == min(t["macs_ratio"] for t in passing)
+    assert report.fidelity["category_fidelity"] == chosen["category_fidelity"]
+    assert report.output["classes"] == ["background", "red", "green"]
+    written = onnx.load(str(tmp_path / "out" / "pruned.onnx"))
+    assert {p.key: p.value for p in written.metadata_props}["disasm.classes"] == "background,red,green"
+
+
+def test_search_writes_the_uncut_model_when_no_cut_meets_the_target(tmp_path, scenes, monkeypatch):
+    monkeypatch.setattr(pipeline, "ALPHAS", (0.9,))
+    report = compile_model(_request(tmp_path, scenes, min_fidelity=1.0))
+    assert not report.contract["met"] and report.contract["message"].startswith("CONTRACT MISSED")
+    assert report.search["trials"][-1]["setting"].startswith("uncut")
+    assert report.fidelity["category_fidelity"] == 1.0  # every channel kept: exactly the full model's answers
+    assert report.cost["pruned"]["macs"] == report.cost["full"]["macs"]
+
+
+def test_judged_images_default_to_a_held_out_share_of_the_calibration_folder(tmp_path, scenes, monkeypatch):
+    monkeypatch.setattr(pipeline, "ALPHAS", (0.0,))
+    report = compile_model(_request(tmp_path, scenes, eval_images=None))
+    assert (report.images["calibration"], report.images["judged"]) == (6, 2)
+    assert "held out" in report.fidelity["source"]
+
+
+def _two_head_model(tmp_path: Path) -> Path:
+    model = seg_model()
+    graph = model.graph
+    graph.node.append(helper.make_node("Relu", ["r2"], ["aux"], name="aux_relu"))
+    graph.output.append(helper.make_tensor_value_info("aux", onnx.TensorProto.FLOAT, ["N", 16, 8, 8]))
+    return save(model, tmp_path / "two.onnx")
+
+
+def test_several_outputs_need_a_head_and_the_others_are_removed(tmp_path):
+    path = _two_head_model(tmp_path)
+    with pytest.raises(DisasmError, match="--head") as error:
+        load_model(path, "a,b,c,d,e")  # five names fit neither output
+    assert "output" in str(error.value) and "aux" in str(error.value)
+    model = load_model(path, LABELS)  # four names: only 'output' has four channels
+    assert model.output_name == "output" and model.removed_heads == ("aux",)
+    assert [o.name for o in model.proto.graph.output] == ["output"]
+    assert "aux_relu" not in {n.name for n in model.proto.graph.node}
+    assert load_model(path, LABELS, Overrides(head="output")).removed_heads == ("aux",)
+    with pytest.raises(DisasmError, match="not an output"):
+        load_model(path, LABELS, Overrides(head="nope"))
+
+
+def _imports(folder: str) -> set[str]:
+    found = set()
+    for path in (ROOT / folder).glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("disasm."):
+                found.add((path.name, node.module))
+            elif isinstance(node, ast.Import):
+                found |= {(path.name, a.name) for a in node.names if a.name.startswith("disasm.")}
+    return found
+
+
+def test_dependencies_point_one_way():
+    """compiler's graph code imports neither attribution nor runtime (only the driver, pipeline and cli, may);
+    attribution never imports runtime; runtime uses only the compiler's leaf helpers (errors, atomic files)."""
+    drivers = {"pipeline.py", "cli.py"}
+    for name, module in _imports("compiler"):
+        if name not in drivers:
+            assert not module.startswith(("disasm.attribution", "disasm.runtime")), (name, module)
+    for name, module in _imports("attribution"):
+        assert not module.startswith("disasm.runtime"), (name, module)
+    for name, module in _imports("runtime"):
+        assert not module.startswith("disasm.attribution"), (name, module)
+        assert module in ("disasm.compiler.errors", "disasm.compiler.files") or module.startswith("disasm.runtime"), \
+            (name, module)
