@@ -37,6 +37,7 @@ UNARY = {"Relu", "LeakyRelu", "Sigmoid", "HardSigmoid", "HardSwish", "Tanh", "El
 SPATIAL = {"MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "Upsample", "Resize",
            "Pad", "ReduceMean", "ReduceMax", "ReduceMin", "ReduceSum", "ReduceL2", "ReduceL1", "ReduceLogSumExp",
            "ReduceSumSquare", "ReduceProd", "DepthToSpace", "SpaceToDepth"}
+POOLING = {"MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool"}
 ELEMENTWISE = {"Add", "Sub", "Mul", "Div", "Pow", "Max", "Min", "Sum", "Mean", "PRelu", "Where"}
 SHAPE_READERS = {"Shape", "Size"}  # read only the shape; what they read may be a channel count (see _read_shape)
 
@@ -614,6 +615,8 @@ def _spatial(ctx: _Context, index: int, node: gs.Node) -> None:
                 problem = "reduces over the channel axis"
             elif not node.attrs.get("keepdims", 1):
                 axis -= sum(a < lx.axis for a in axes)
+    elif node.op in POOLING and axis >= 2:
+        problem = "pools over the channel axis"  # pooling windows span every axis from 2 on
     elif node.op in ("DepthToSpace", "SpaceToDepth"):
         problem = "moves channels into space"
     elif node.op == "Pad":
@@ -954,8 +957,8 @@ def _keep_whole(ctx: _Context, node: gs.Node, lx: TensorChannels, problem: str) 
     reason = f"{_label(node)} {problem}"
     ctx.block_tensor(node.inputs[0].name, reason)
     out = node.outputs[0]
-    if _rank(out):
-        ctx.opaque(out, min(lx.axis, _rank(out) - 1), reason)
+    if _rank(out) and _rank(out) >= 2:
+        ctx.opaque(out, 1, reason)  # like _blocker: an uncuttable stand-in where a channel axis usually is
 
 
 def _squeeze(ctx: _Context, index: int, node: gs.Node) -> None:
@@ -991,6 +994,34 @@ def _tile(ctx: _Context, index: int, node: gs.Node) -> None:
     if repeats is None or np.asarray(repeats).reshape(-1)[lx.axis] != 1:
         return _keep_whole(ctx, node, lx, "repeats the channel axis or has run-time repeats")
     ctx.layout[node.outputs[0].name] = lx
+
+
+def _expand(ctx: _Context, index: int, node: gs.Node) -> None:
+    """Expand is broadcasting written out. Onto the same channel count (or 1) it keeps the channels; a one-channel
+    map expanded to C channels (a gate made explicit) is C copies, a channel space of its own that follows whatever
+    it is combined with. An explicit C in the constant target becomes the kept count."""
+    x, out = node.inputs[0], node.outputs[0]
+    lx = ctx.layout.get(x.name)
+    if lx is None:
+        return
+    target = constant_value(node.inputs[1])
+    rank = _rank(x)
+    if target is None or rank is None:
+        return _keep_whole(ctx, node, lx, "expands to a shape computed at run time")
+    target = [int(v) for v in np.asarray(target).reshape(-1)]
+    out_rank = max(rank, len(target))
+    axis = lx.axis + out_rank - rank
+    k = axis - (out_rank - len(target))
+    entry = target[k] if k >= 0 else 1
+    if entry in (1, lx.size):
+        mine = TensorChannels(axis, lx.segments)
+    elif lx.size == 1:
+        mine = TensorChannels(axis, (Segment(ctx.roots.new(entry), 0, entry),))
+    else:
+        return _keep_whole(ctx, node, lx, "expands the channel axis")
+    if k >= 0 and entry > 1:
+        ctx.edits.append(Edit(index, "shape_entry", mine, input=1, axis=k))
+    ctx.layout[out.name] = mine
 
 
 def _gemm(ctx: _Context, index: int, node: gs.Node) -> None:
@@ -1264,7 +1295,7 @@ RULES: dict[str, Rule] = {
     "BatchNormalization": _norm, "InstanceNormalization": _norm,
     "Concat": _concat, "Split": _split, "Slice": _slice, "Transpose": _transpose,
     "Reshape": _reshape, "Flatten": _reshape, "Squeeze": _squeeze, "Unsqueeze": _squeeze, "Tile": _tile,
-    "Gemm": _gemm, "MatMul": _matmul,
+    "Expand": _expand, "Gemm": _gemm, "MatMul": _matmul,
 }
 
 

@@ -195,6 +195,18 @@ def test_one_channel_attention_map_broadcasts(op, first):
     assert group(analysis, attention).size == 1
 
 
+def test_one_channel_map_expanded_to_the_channels_follows_the_cut():
+    """Expand [N,1,H,W] -> [N,C,H,W] before a Mul is broadcasting written out: the expanded copies follow the
+    channels they multiply (the constant target's C becomes the kept count)."""
+    net = Net()
+    a = net.op("Relu", net.conv("image", 3, 8, k=3))
+    gate = net.op("Expand", net.op("Sigmoid", net.conv(a, 8, 1)), net.const(np.array([1, 8, SIZE, SIZE], np.int64)))
+    model = net.model(net.conv(net.op("Mul", a, gate), 8, 3))
+    analysis = assert_exact(model)
+    assert group(analysis, gate) == group(analysis, a) and group(analysis, a).prunable
+    assert node_edits(model, analysis, gate) == ["shape_entry:1"]
+
+
 def test_squeeze_excite_gate_from_the_same_group():
     net = Net()
     a = net.op("Relu", net.conv("image", 3, 8, k=3))
@@ -322,9 +334,18 @@ def _tile_channels(net: Net, a: str) -> str:
     return net.op("Tile", half, net.const(np.array([1, 2, 1, 1], np.int64)))
 
 
+def _max_over_channels(net: Net, a: str) -> str:
+    """SINet's confidence: the channels moved onto a pooled axis by Reshape + Transpose, then MaxPool over them."""
+    blocks = net.op("Reshape", a, net.const(np.array([1, 2, 4, SIZE * SIZE], np.int64)))
+    pooled = net.op("MaxPool", net.op("Transpose", blocks, perm=[0, 3, 1, 2]), kernel_shape=[2, 4])
+    confidence = net.op("Reshape", pooled, net.const(np.array([1, 1, SIZE, SIZE], np.int64)))
+    return net.op("Mul", net.conv(a, 8, 8), confidence)
+
+
 @pytest.mark.parametrize("build,reason", [(_reshape_into_space, "moves channels into other axes"),
                                           (_gram_matrix, "pairs the channels of both operands"),
-                                          (_tile_channels, "repeats the channel axis")])
+                                          (_tile_channels, "repeats the channel axis"),
+                                          (_max_over_channels, "pools over the channel axis")])
 def test_what_cannot_be_followed_keeps_its_group_whole(build, reason):
     net = Net()
     a = net.op("Relu", net.conv("image", 3, 8))
