@@ -10,7 +10,7 @@ import numpy as np
 
 from disasm.runtime.metrics import (CHOSEN_OR_NONE, AgreementResult, CategoryOverlap, PrunedOutput, answer_labels,
                                     category_masks, confusion_matrix, full_answer, iou_from_confusion, label_agreement,
-                                    pruned_answer, pruned_output)
+                                    output_from_names, pruned_answer)
 
 Infer = Callable[[np.ndarray], np.ndarray]  # one batch of model input -> class scores ([N, K, H, W] or [N, H, W, K])
 
@@ -42,7 +42,7 @@ def _absence_note(output: PrunedOutput, iou: np.ndarray, images: int) -> str | N
 
 
 def evaluate_fidelity(full: Infer, pruned: Infer, inputs: np.ndarray, masks: np.ndarray | None,
-                      classes: Sequence[str], chosen: Sequence[int | str], none_class: int | str | None,
+                      classes: Sequence[str], output_classes: Sequence[str], none: str | None,
                       output_kind: str = "logits", mode: str = CHOSEN_OR_NONE,
                       progress: Callable[[int], None] | None = None, class_axis: int = 1) -> dict[str, Any]:
     """Compare a pruned model with the full model on `inputs`, one image at a time so nothing large is held.
@@ -51,11 +51,12 @@ def evaluate_fidelity(full: Infer, pruned: Infer, inputs: np.ndarray, masks: np.
         full, pruned: Run one batch (one image) and return the class scores of the full / pruned model.
         inputs: Preprocessed evaluation images [N, ...]; these should be images calibration did not use.
         masks: Ground-truth label maps [N, H, W] in the full model's class ids (255 = not scored), or None.
-        classes: The full model's class names.
-        chosen: The chosen categories (class ids or names). The none class, if listed, is the none channel, not a
-            category.
-        none_class: The model's background class (id or name), or None; see `pruned_output` for the output layout.
-        output_kind: "logits", "probs" or "sigmoid".
+        classes: The full model's class names, in output order.
+        output_classes: The pruned output's channel names, in order (the pruned model's metadata `disasm.classes`).
+            Each is a class of the full model, except a none channel such as `other`.
+        none: The name of the pruned output's none channel (metadata `disasm.background`), or None; it takes every
+            class of the full model that is no other channel's. See `metrics.output_from_names`.
+        output_kind: "logits", "probs" or "sigmoid" (the full model's output kind).
         mode: "chosen-or-none" (the full model's argmax over all classes, non-chosen classes read as none) or
             "restricted" (the paper's protocol: its argmax over the kept channels only).
         progress: Called with the number of images done.
@@ -71,7 +72,7 @@ def evaluate_fidelity(full: Infer, pruned: Infer, inputs: np.ndarray, masks: np.
         full model's all-class mIoU. Also images, mode, output_kind, output_classes, none, categories_scored, note.
         Predictions are compared with masks of another size after a nearest-neighbour resize to the mask size.
     """
-    output = pruned_output(classes, chosen, none_class, output_kind, mode)
+    output = output_from_names(classes, output_classes, none, output_kind, mode)
     if len(inputs) == 0:
         raise ValueError("no evaluation images")
     if masks is not None and len(masks) != len(inputs):

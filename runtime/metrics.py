@@ -1,8 +1,9 @@
 """Segmentation fidelity metrics (numpy only): what a pruned model answers, confusion matrices, IoU/mIoU, agreement.
 
-What a pruned model answers: "one of the chosen categories, or none". `pruned_output` is the one place that lays out the
-pruned model's output channels (the chosen categories in the model's order plus the none channel: the model's
-background class where it has one, else `other` appended last; sigmoid models keep just the chosen channels).
+What a pruned model answers: "one of the chosen categories, or none". Its output layout (which channels, in which
+order, which one is none) is decided where the model is built and stated in the model's metadata (`disasm.classes`,
+`disasm.background`); `output_from_names` reads it from those names and maps the full model's classes onto it (each
+channel named after a class is that class, the none channel takes every other class; sigmoid models have no none).
 `full_answer` reads the full model the same way: its argmax over ALL classes with every non-chosen class mapped to
 none (`chosen_or_none_argmax`), or, for the paper's protocol (`mode="restricted"`), its argmax over the kept channels
 only (`restricted_argmax`). Sigmoid models answer per category with a binary mask p > 0.5 (`sigmoid_masks`).
@@ -18,7 +19,7 @@ none; under `restricted`, `restrict_labels`).
 
 Typical use over a dataset, holding one image at a time::
 
-    out = pruned_output(classes, chosen, background, "logits")
+    out = output_from_names(classes, output_classes, none, "logits")
     cm = np.zeros((len(out.names), len(out.names)), dtype=np.int64)
     for logits, mask in dataset:
         cm += confusion_matrix(full_answer(logits, out), answer_labels(mask, out), len(out.names))
@@ -193,18 +194,17 @@ RESTRICTED = "restricted"
 MODES = (CHOSEN_OR_NONE, RESTRICTED)
 OUTPUT_KINDS = ("logits", "probs", "sigmoid")
 SIGMOID_THRESHOLD = 0.5
-NONE_NAMES = ("other", "none", "other (none)")  # the appended none channel: the first name no chosen category has
 
 
 @dataclass(frozen=True)
 class PrunedOutput:
-    """The pruned model's output channels and how the full model's classes map onto them.
+    """The pruned model's output channels and how the full model's classes map onto them (see `output_from_names`).
 
-    names: channel names in output order. source_ids: the full model's class id behind each channel (None for an
-    appended `other`). none_index: the channel that answers "none" (None for sigmoid models and for `restricted`
-    without a background class). chosen: the chosen categories' class ids in the model's order (never the none class);
-    chosen_positions: their channels. lookup: full class id -> output channel under chosen-or-none (non-chosen -> none);
-    None where there is no none channel.
+    names: channel names in output order. source_ids: the full model's class id behind each channel (None for a none
+    channel that is no class of the full model, such as `other`). none_index: the channel that answers "none" (None
+    for sigmoid models and for `restricted` without a background class). chosen: the class ids of the other channels
+    (the categories), in output order; chosen_positions: their channels. lookup: full class id -> output channel under
+    chosen-or-none (every class that is no other channel's -> none); None where there is no none channel.
     """
 
     names: tuple[str, ...]
@@ -237,61 +237,52 @@ class PrunedOutput:
         return table
 
 
-def pruned_output(classes: Sequence[str], chosen: Sequence[int | str], background: int | str | None,
-                  output_kind: str = "logits", mode: str = CHOSEN_OR_NONE) -> PrunedOutput:
-    """Lay out the pruned model's output channels; the single source of that layout (compiler, fidelity, reports).
+def output_from_names(classes: Sequence[str], output_classes: Sequence[str], none: str | None,
+                      output_kind: str = "logits", mode: str = CHOSEN_OR_NONE) -> PrunedOutput:
+    """Read the pruned output's layout from its names, as the pruned model states it (metadata `disasm.classes`,
+    `disasm.background`); the layout itself is decided where the model is built, not here.
 
     Args:
         classes: The full model's class names, in output-channel order.
-        chosen: The chosen categories, as class ids or names. The background class, if listed, is not a category:
-            it is the none channel (except for sigmoid models, where every listed class is a category).
-        background: The model's background class (id or name), or None when it has none.
-        output_kind: "logits", "probs" (softmax) or "sigmoid" (independent per-class probabilities).
-        mode: "chosen-or-none" (default): chosen categories in the model's order plus the none channel, the background
-            class at its original relative position or, without one, `other` appended last. "restricted" (the
-            paper's protocol): the chosen categories plus the background class only, no `other`. Sigmoid models keep
-            just the chosen channels in either mode.
+        output_classes: The pruned output's channel names, in order. Each name that is a class of the full model is
+            that class; only the none channel may be another name (such as `other`).
+        none: The name of the none channel (one of `output_classes`), or None (or "") when there is none. It takes
+            every class of the full model that is no other channel's; a name that is not a full class has no source.
+        output_kind: "logits", "probs" (softmax) or "sigmoid" (independent per-class probabilities; no none channel).
+        mode: "chosen-or-none" (default; a softmax model's output then needs a none channel) or "restricted" (the
+            paper's protocol: the full model is read by argmax over the output's channels only, so each must be a
+            class of the full model).
     """
-    classes = tuple(classes)
-    if not classes:
-        raise ValueError("the model has no class names")
+    classes = _names(classes, "classes")
+    names = _names(output_classes, "output_classes")
     if output_kind not in OUTPUT_KINDS:
         raise ValueError(f"output kind {output_kind!r} unknown; choose one of {', '.join(OUTPUT_KINDS)}")
     if mode not in MODES:
         raise ValueError(f"mode {mode!r} unknown; choose one of {', '.join(MODES)}")
-    background_id = None if background is None else _class_id(background, classes, "background")
-    ids = _validated_kept([_class_id(c, classes, "chosen") for c in _sequence(chosen, "chosen")], "chosen")
-    if output_kind == "sigmoid":
-        kept = sorted(ids)
-        return PrunedOutput(tuple(classes[i] for i in kept), tuple(kept), None, tuple(kept), tuple(range(len(kept))),
-                            len(classes), output_kind, mode)
-    categories = sorted(i for i in ids if i != background_id)
-    if not categories:
-        raise ValueError(f"choose at least one category besides the background class {classes[background_id]!r}")
-    if background_id is not None:
-        kept = sorted([*categories, background_id])
-        source_ids: list[int | None] = list(kept)
-        none_index: int | None = kept.index(background_id)
-    elif mode == RESTRICTED:
-        source_ids, none_index = list(categories), None
-    else:
-        source_ids, none_index = [*categories, None], len(categories)
-    taken = {classes[i] for i in categories}
-    other = next((n for n in NONE_NAMES if n not in taken), None)
-    if other is None and None in source_ids:
-        raise ValueError(f"every name for the appended none channel ({', '.join(NONE_NAMES)}) is a chosen category")
-    names = tuple(other if i is None else classes[i] for i in source_ids)
-    positions = tuple(source_ids.index(i) for i in categories)
-    return PrunedOutput(names, tuple(source_ids), none_index, tuple(categories), positions, len(classes), output_kind,
-                        mode)
-
-
-def pruned_classes(classes: Sequence[str], chosen: Sequence[int | str], background: int | str | None,
-                   output_kind: str = "logits", mode: str = CHOSEN_OR_NONE) -> tuple[list[str], int | None]:
-    """The pruned model's output class names and the index of its none channel (None if it has none); see
-    `pruned_output` for the layout rules."""
-    out = pruned_output(classes, chosen, background, output_kind, mode)
-    return list(out.names), out.none_index
+    if none == "":
+        none = None
+    if none is not None and (not isinstance(none, str) or none not in names):
+        raise ValueError(f"none channel {none!r} is not one of the output classes: {', '.join(names)}")
+    ids = {name: i for i, name in enumerate(classes)}
+    unknown = [n for n in names if n not in ids and n != none]
+    if unknown:
+        raise ValueError(f"output class(es) {', '.join(map(repr, unknown))} are not classes of the full model "
+                         f"({', '.join(classes)}); only the none channel may have another name")
+    if output_kind == "sigmoid" and none is not None:
+        raise ValueError(f"a sigmoid model answers per category and has no none channel; got none={none!r}")
+    if output_kind != "sigmoid" and mode == CHOSEN_OR_NONE and none is None:
+        raise ValueError(f"a chosen-or-none output of a softmax model needs a none channel; name it among "
+                         f"{', '.join(names)}")
+    if mode == RESTRICTED and none is not None and none not in ids:
+        raise ValueError(f"restricted mode reads the full model on the output's channels only, but the none channel "
+                         f"{none!r} is not a class of the full model")
+    source_ids = tuple(ids.get(n) for n in names)
+    none_index = None if none is None else names.index(none)
+    positions = tuple(p for p in range(len(names)) if p != none_index)
+    if not positions:
+        raise ValueError(f"the output has no category besides the none channel {none!r}")
+    return PrunedOutput(names, source_ids, none_index, tuple(source_ids[p] for p in positions), positions,
+                        len(classes), output_kind, mode)
 
 
 def chosen_or_none_argmax(scores: np.ndarray, output: PrunedOutput, class_axis: int = 1) -> np.ndarray:
@@ -485,22 +476,19 @@ def _validated_kept(kept: Sequence[int], what: str) -> list[int]:
     return ids
 
 
-def _sequence(values: Sequence, what: str) -> list:
+def _names(values: Sequence[str], what: str) -> tuple[str, ...]:
     if isinstance(values, (str, bytes)) or not isinstance(values, (Sequence, np.ndarray)):
-        raise ValueError(f"{what} must be a sequence of class ids or names, got {type(values).__name__}")
-    return list(values)
-
-
-def _class_id(value: int | str, classes: tuple[str, ...], what: str) -> int:
-    if isinstance(value, str):
-        if value not in classes:
-            raise ValueError(f"{what} class {value!r} is not a class of the model: {', '.join(classes)}")
-        return classes.index(value)
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise ValueError(f"{what} must hold class ids or names, got {value!r}")
-    if not 0 <= value < len(classes):
-        raise ValueError(f"{what} class id {int(value)} is outside the model's classes 0..{len(classes) - 1}")
-    return int(value)
+        hint = " (split a comma-separated list such as disasm.classes first)" if isinstance(values, str) else ""
+        raise ValueError(f"{what} must be a sequence of class names, got {type(values).__name__}{hint}")
+    names = tuple(values)
+    if not names:
+        raise ValueError(f"{what} must name at least one class; got an empty sequence")
+    if not all(isinstance(n, str) and n for n in names):
+        raise ValueError(f"{what} must hold non-empty class names, got {list(names)}")
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise ValueError(f"{what} lists {', '.join(map(repr, duplicates))} more than once: {', '.join(names)}")
+    return names
 
 
 def _scores(scores: np.ndarray, class_axis: int, channels: int | None, what: str) -> np.ndarray:

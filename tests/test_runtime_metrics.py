@@ -18,10 +18,9 @@ from disasm.runtime.metrics import (
     full_answer,
     iou_from_confusion,
     label_agreement,
+    output_from_names,
     pixel_agreement,
     pruned_answer,
-    pruned_classes,
-    pruned_output,
     restrict_labels,
     restricted_argmax,
     sigmoid_masks,
@@ -283,45 +282,90 @@ def test_pixel_agreement_rejects_bad_inputs(a, b, message):
 # ---- what a pruned model answers: output layout and the full model's chosen-or-none answer ---------------------------
 
 CLASSES = ["background", "person", "bus", "car", "dog"]
+OUT = ["background", "person", "car"]  # what compiler/outputs.py lays out for person, car (background the none)
 
 
 @pytest.mark.parametrize(
-    "classes, chosen, background, kind, mode, names, none_index",
+    "classes, names, none, kind, mode, source_ids, none_index, chosen, lookup",
     [
-        (CLASSES, [3, 1], 0, "logits", "chosen-or-none", ["background", "person", "car"], 0),
-        (CLASSES, ["car", "person"], "background", "probs", "chosen-or-none", ["background", "person", "car"], 0),
-        (["person", "bus", "bg", "car"], [3, 0], 2, "logits", "chosen-or-none", ["person", "bg", "car"], 1),
-        (["road", "car", "sky"], [2, 0], None, "logits", "chosen-or-none", ["road", "sky", "other"], 2),
-        (["road", "other", "sky"], [2], None, "logits", "chosen-or-none", ["sky", "other"], 1),
-        (["road", "other", "sky"], [2, 1], None, "logits", "chosen-or-none", ["other", "sky", "none"], 2),
-        (CLASSES, [0, 3, 1], 0, "logits", "chosen-or-none", ["background", "person", "car"], 0),
-        (["road", "car", "sky"], [2, 0], None, "sigmoid", "chosen-or-none", ["road", "sky"], None),
-        (CLASSES, [3, 1], 0, "logits", "restricted", ["background", "person", "car"], 0),
-        (["road", "car", "sky"], [2, 0], None, "logits", "restricted", ["road", "sky"], None),
+        (CLASSES, OUT, "background", "logits", "chosen-or-none", (0, 1, 3), 0, (1, 3), [0, 1, 0, 2, 0]),
+        (["person", "bus", "bg", "car"], ["person", "bg", "car"], "bg", "probs", "chosen-or-none", (0, 2, 3), 1,
+         (0, 3), [0, 1, 1, 2]),
+        (["road", "car", "sky"], ["road", "sky", "other"], "other", "logits", "chosen-or-none", (0, 2, None), 2,
+         (0, 2), [0, 2, 1]),
+        (["road", "other", "sky"], ["sky", "other"], "other", "logits", "chosen-or-none", (2, 1), 1, (2,), [1, 1, 0]),
+        (CLASSES, ["car", "person", "background"], "background", "logits", "chosen-or-none", (3, 1, 0), 2, (3, 1),
+         [2, 1, 2, 0, 2]),
+        (["road", "car", "sky"], ["road", "sky"], None, "sigmoid", "chosen-or-none", (0, 2), None, (0, 2), None),
+        (["road", "car", "sky"], ["road", "sky"], "", "sigmoid", "chosen-or-none", (0, 2), None, (0, 2), None),
+        (CLASSES, OUT, "background", "logits", "restricted", (0, 1, 3), 0, (1, 3), [0, 1, 0, 2, 0]),
+        (["road", "car", "sky"], ["road", "sky"], None, "logits", "restricted", (0, 2), None, (0, 2), None),
     ],
-    ids=["background-first", "by-name", "background-in-the-middle", "no-background-other-last", "other-a-class",
-         "other-chosen",
-         "background-listed-as-chosen", "sigmoid-chosen-only", "restricted", "restricted-no-background"],
+    ids=["background-first", "background-in-the-middle", "other-appended", "other-a-class-of-the-model",
+         "order-as-given", "sigmoid-chosen-only", "sigmoid-empty-none-from-metadata", "restricted",
+         "restricted-no-background"],
 )
-def test_pruned_classes_lays_out_chosen_in_model_order_plus_none(classes, chosen, background, kind, mode, names,
-                                                                 none_index):
-    assert pruned_classes(classes, chosen, background, kind, mode) == (names, none_index)
+def test_output_from_names_maps_each_channel_to_its_class_and_the_rest_to_none(classes, names, none, kind, mode,
+                                                                                source_ids, none_index, chosen,
+                                                                                lookup):
+    out = output_from_names(classes, names, none, kind, mode)
+    assert out.names == tuple(names) and out.source_ids == source_ids and out.none_index == none_index
+    assert out.chosen == chosen and out.chosen_names == tuple(classes[i] for i in chosen)
+    assert (out.output_kind, out.mode, out.num_classes) == (kind, mode, len(classes))
+    if lookup is None:
+        assert out.lookup is None
+    else:
+        np.testing.assert_array_equal(out.lookup, lookup)
 
 
 @pytest.mark.parametrize(
-    "chosen, background, kind, mode, message",
+    "classes, chosen, background, kind, mode",
     [
-        ([0], 0, "logits", "chosen-or-none", "at least one category besides the background"),
-        (["cat"], 0, "logits", "chosen-or-none", "'cat' is not a class of the model"),
-        ([9], 0, "logits", "chosen-or-none", "class id 9 is outside"),
-        ([1, 1], 0, "logits", "chosen-or-none", "more than once"),
-        ([1], 0, "softmax", "chosen-or-none", "output kind 'softmax' unknown"),
-        ([1], 0, "logits", "paper", "mode 'paper' unknown"),
+        (CLASSES, ["person", "car"], "background", "logits", "chosen-or-none"),
+        (["person", "bus", "bg", "car"], ["person", "car"], "bg", "logits", "chosen-or-none"),
+        (["road", "car", "sky", "tree"], ["road", "sky"], None, "probs", "chosen-or-none"),
+        (["road", "car", "sky"], ["road", "sky"], None, "sigmoid", "chosen-or-none"),
+        (CLASSES, ["person", "car"], "background", "logits", "restricted"),
+        (["road", "car", "sky"], ["road", "sky"], None, "logits", "restricted"),
     ],
 )
-def test_pruned_output_rejects_bad_choices(chosen, background, kind, mode, message):
+def test_the_judge_reads_the_layout_the_compiler_builds(classes, chosen, background, kind, mode):
+    """Each output channel answers exactly the full model's classes the compiler's head takes the max of."""
+    from disasm.compiler.outputs import plan_outputs  # tests may join the two sides; runtime/ itself may not
+
+    plan = plan_outputs(tuple(classes), chosen, background, kind, mode)
+    out = output_from_names(classes, plan.names, plan.none, kind, mode)
+    assert out.names == plan.names and out.none_index == plan.none_index and out.none_name == plan.none
+    if out.lookup is not None and mode == "chosen-or-none":
+        for channel, sources in enumerate(plan.sources):
+            assert all(out.lookup[k] == channel for k in sources), (channel, sources)
+        assert sorted(k for sources in plan.sources for k in sources) == list(range(len(classes)))
+    else:
+        assert out.source_ids == tuple(s[0] for s in plan.sources)
+
+
+@pytest.mark.parametrize(
+    "names, none, kind, mode, message",
+    [
+        (["background", "cat"], "background", "logits", "chosen-or-none",
+         r"output class\(es\) 'cat' are not classes of the full model"),
+        (["person", "other"], "none", "logits", "chosen-or-none", "none channel 'none' is not one of the output"),
+        (["background", "person", "person"], "background", "logits", "chosen-or-none", "'person' more than once"),
+        (["background"], "background", "logits", "chosen-or-none", "no category besides the none channel"),
+        (["person", "car"], None, "logits", "chosen-or-none", "needs a none channel"),
+        (["person", "car", "background"], "background", "sigmoid", "chosen-or-none", "sigmoid model .* no none"),
+        (["person", "other"], "other", "logits", "restricted", "'other' is not a class of the full model"),
+        ("background,person", "background", "logits", "chosen-or-none", "split a comma-separated list"),
+        ([], None, "sigmoid", "chosen-or-none", "at least one class"),
+        (OUT, "background", "softmax", "chosen-or-none", "output kind 'softmax' unknown"),
+        (OUT, "background", "logits", "paper", "mode 'paper' unknown"),
+    ],
+    ids=["unknown-name", "none-not-an-output", "duplicate", "only-none", "softmax-without-none", "sigmoid-with-none",
+         "restricted-other", "comma-string", "empty", "bad-kind", "bad-mode"],
+)
+def test_output_from_names_rejects_layouts_it_cannot_read(names, none, kind, mode, message):
     with pytest.raises(ValueError, match=message):
-        pruned_output(CLASSES, chosen, background, kind, mode)
+        output_from_names(CLASSES, names, none, kind, mode)
 
 
 def test_full_answer_maps_non_chosen_winner_to_none_not_to_the_nearest_kept_class():
@@ -330,17 +374,17 @@ def test_full_answer_maps_non_chosen_winner_to_none_not_to_the_nearest_kept_clas
     for col, winner in enumerate([2, 3, 1, 4, 0]):
         logits[0, winner, 0, col] = 5.0
     logits[0, 3, 0, 0] = 4.0  # car is the runner-up on the bus pixel: restricted reads it as car
-    out = pruned_output(CLASSES, [1, 3], 0)  # output: background, person, car
+    out = output_from_names(CLASSES, OUT, "background")
     np.testing.assert_array_equal(chosen_or_none_argmax(logits, out), [[[0, 2, 1, 0, 0]]])
     np.testing.assert_array_equal(full_answer(logits, out), [[[0, 2, 1, 0, 0]]])
-    restricted = pruned_output(CLASSES, [1, 3], 0, mode="restricted")
+    restricted = output_from_names(CLASSES, OUT, "background", mode="restricted")
     np.testing.assert_array_equal(full_answer(logits, restricted), [[[2, 2, 1, 0, 0]]])
 
 
 def test_without_background_other_is_last_and_takes_every_non_chosen_class():
     classes = ["road", "car", "sky", "tree"]
-    out = pruned_output(classes, ["sky", "road"], None)
-    assert out.names == ("road", "sky", "other") and out.none_index == 2 and out.chosen_positions == (0, 1)
+    out = output_from_names(classes, ["road", "sky", "other"], "other")
+    assert out.none_index == 2 and out.chosen_positions == (0, 1) and out.source_ids == (0, 2, None)
     logits = np.eye(4)[[0, 1, 2, 3]].T[None, :, None, :]  # [1, 4, 1, 4]: pixel j won by class j
     np.testing.assert_array_equal(chosen_or_none_argmax(logits, out), [[[0, 2, 1, 2]]])
     # channels last gives the same answer
@@ -351,14 +395,14 @@ def test_without_background_other_is_last_and_takes_every_non_chosen_class():
 
 
 def test_chosen_or_none_argmax_rejects_scores_of_the_wrong_model():
-    out = pruned_output(CLASSES, [1], 0)
+    out = output_from_names(CLASSES, ["background", "person"], "background")
     with pytest.raises(ValueError, match=r"full model scores have 3 channels on axis 1 .* expected 5"):
         chosen_or_none_argmax(np.zeros((1, 3, 2, 2)), out)
 
 
 def test_sigmoid_answers_are_thresholded_per_category():
     probs = np.array([[0.9, 0.2], [0.6, 0.7], [0.1, 0.51]])[None, :, :, None]  # [1, 3 classes, 2 px, 1]
-    out = pruned_output(["road", "car", "sky"], ["sky", "road"], None, "sigmoid")
+    out = output_from_names(["road", "car", "sky"], ["road", "sky"], None, "sigmoid")
     masks = full_answer(probs, out)
     assert masks.dtype == bool and masks.shape == (1, 2, 2, 1)
     np.testing.assert_array_equal(masks[0, :, :, 0], [[True, False], [False, True]])  # road, sky
@@ -391,11 +435,11 @@ def _onehot(labels: np.ndarray, channels: int, scale: float = 4.0) -> np.ndarray
     return np.moveaxis(np.eye(channels)[labels], -1, 1) * scale
 
 
-def _fake_models(full_labels: np.ndarray, classes: list[str], chosen: list[int], background: int | None,
+def _fake_models(full_labels: np.ndarray, classes: list[str], names: list[str], none: str | None,
                  pruned_labels: np.ndarray | None = None):
     """Full model returning one-hot scores of `full_labels[i]`; pruned returns its own labels (in output space),
     defaulting to a perfect copy of the full model's chosen-or-none answer."""
-    out = pruned_output(classes, chosen, background)
+    out = output_from_names(classes, names, none)
     inputs = np.arange(len(full_labels), dtype=np.float32).reshape(-1, 1)
     if pruned_labels is None:
         pruned_labels = out.lookup[full_labels]
@@ -412,8 +456,8 @@ def _fake_models(full_labels: np.ndarray, classes: list[str], chosen: list[int],
 def test_perfect_copy_scores_fidelity_one_and_matches_ground_truth_reading():
     rng = np.random.default_rng(5)
     labels = rng.integers(0, 5, (3, 6, 7))
-    full, pruned, inputs, _ = _fake_models(labels, CLASSES, [1, 3], 0)
-    result = evaluate_fidelity(full, pruned, inputs, labels, CLASSES, [1, 3], 0, "logits", "chosen-or-none")
+    full, pruned, inputs, _ = _fake_models(labels, CLASSES, OUT, "background")
+    result = evaluate_fidelity(full, pruned, inputs, labels, CLASSES, OUT, "background", "logits", "chosen-or-none")
     assert result["category_fidelity"] == 1.0 and result["per_category"] == {"person": 1.0, "car": 1.0}
     assert result["agreement"] == 1.0 and result["note"] is None
     assert result["output_classes"] == ["background", "person", "car"] and result["none"] == "background"
@@ -423,12 +467,26 @@ def test_perfect_copy_scores_fidelity_one_and_matches_ground_truth_reading():
     json.dumps(result, allow_nan=False)
 
 
+def test_the_judge_follows_the_stated_channel_order_not_the_model_order():
+    rng = np.random.default_rng(7)
+    labels = rng.integers(0, 5, (2, 6, 6))
+    names = ["car", "person", "background"]
+    full, pruned, inputs, _ = _fake_models(labels, CLASSES, names, "background")
+    result = evaluate_fidelity(full, pruned, inputs, labels, CLASSES, names, "background")
+    assert result["category_fidelity"] == 1.0 and list(result["per_category"]) == ["car", "person"]
+    assert result["output_classes"] == names and result["none"] == "background" and result["miou_pruned"] == 1.0
+    # the same answers read under the model-order layout are wrong: the layout comes from the names
+    _, shuffled, _, _ = _fake_models(labels, CLASSES, OUT, "background")
+    misread = evaluate_fidelity(full, shuffled, inputs, None, CLASSES, names, "background")
+    assert misread["per_category"] == {"car": 0.0, "person": 1.0}  # person sits at channel 1 in both layouts
+
+
 def test_all_none_model_scores_zero_category_fidelity_though_agreement_is_high():
     labels = np.zeros((4, 10, 10), np.int64)
     labels[:, :2, :2] = 1  # person on 4% of each image, background elsewhere
     labels[0, 5, 5] = 3  # one car pixel
-    full, pruned, inputs, _ = _fake_models(labels, CLASSES, [1, 3], 0, pruned_labels=np.zeros_like(labels))
-    result = evaluate_fidelity(full, pruned, inputs, None, CLASSES, [1, 3], 0, "logits", "chosen-or-none")
+    full, pruned, inputs, _ = _fake_models(labels, CLASSES, OUT, "background", pruned_labels=np.zeros_like(labels))
+    result = evaluate_fidelity(full, pruned, inputs, None, CLASSES, OUT, "background", "logits", "chosen-or-none")
     assert result["category_fidelity"] == 0.0
     assert result["per_category"] == {"person": 0.0, "car": 0.0}
     assert result["agreement"] > 0.95  # why pixel agreement is not a fidelity measure
@@ -438,14 +496,14 @@ def test_all_none_model_scores_zero_category_fidelity_though_agreement_is_high()
 def test_fidelity_falls_as_the_chosen_categories_are_lost():
     rng = np.random.default_rng(6)
     labels = rng.integers(0, 5, (4, 8, 8))
-    out = pruned_output(CLASSES, [1, 3], 0)
+    out = output_from_names(CLASSES, OUT, "background")
     answer = out.lookup[labels]
     scores = []
     for lost in (0.0, 0.3, 0.6, 1.0):  # share of the chosen pixels the pruned model answers as none
         damaged = answer.copy()
         damaged[(answer > 0) & (rng.random(answer.shape) < lost)] = 0
-        full, pruned, inputs, _ = _fake_models(labels, CLASSES, [1, 3], 0, pruned_labels=damaged)
-        scores.append(evaluate_fidelity(full, pruned, inputs, None, CLASSES, [1, 3], 0)["category_fidelity"])
+        full, pruned, inputs, _ = _fake_models(labels, CLASSES, OUT, "background", pruned_labels=damaged)
+        scores.append(evaluate_fidelity(full, pruned, inputs, None, CLASSES, OUT, "background")["category_fidelity"])
     assert scores[0] == 1.0 and scores[-1] == 0.0
     assert all(a > b for a, b in zip(scores, scores[1:])), scores
 
@@ -453,13 +511,13 @@ def test_fidelity_falls_as_the_chosen_categories_are_lost():
 def test_category_absent_everywhere_is_left_out_and_all_absent_gives_none_with_a_note():
     labels = np.zeros((2, 4, 4), np.int64)
     labels[:, 0, 0] = 1  # person only; car never appears
-    full, pruned, inputs, _ = _fake_models(labels, CLASSES, [1, 3], 0)
-    result = evaluate_fidelity(full, pruned, inputs, None, CLASSES, [1, 3], 0)
+    full, pruned, inputs, _ = _fake_models(labels, CLASSES, OUT, "background")
+    result = evaluate_fidelity(full, pruned, inputs, None, CLASSES, OUT, "background")
     assert result["category_fidelity"] == 1.0 and result["per_category"] == {"person": 1.0, "car": None}
     assert "car" in result["note"] and result["categories_scored"] == 1
     empty = np.zeros((2, 4, 4), np.int64)
-    full, pruned, inputs, _ = _fake_models(empty, CLASSES, [1, 3], 0)
-    result = evaluate_fidelity(full, pruned, inputs, None, CLASSES, [1, 3], 0)
+    full, pruned, inputs, _ = _fake_models(empty, CLASSES, OUT, "background")
+    result = evaluate_fidelity(full, pruned, inputs, None, CLASSES, OUT, "background")
     assert result["category_fidelity"] is None and "undefined" in result["note"]
     json.dumps(result, allow_nan=False)
 
@@ -468,9 +526,9 @@ def test_ground_truth_of_non_chosen_classes_counts_as_none_in_miou():
     classes = ["road", "car", "sky", "bus"]
     truth = np.array([[[1, 3, 2, 255]]])  # car, bus (not chosen), sky, ignored
     predicted = np.array([[[1, 3, 0, 1]]])  # full model: car, bus (-> other), road (-> other), car (ignored)
-    full, pruned, inputs, out = _fake_models(predicted, classes, [1, 2], None)
+    full, pruned, inputs, out = _fake_models(predicted, classes, ["car", "sky", "other"], "other")
     assert out.names == ("car", "sky", "other")
-    result = evaluate_fidelity(full, pruned, inputs, truth, classes, [1, 2], None)
+    result = evaluate_fidelity(full, pruned, inputs, truth, classes, ["car", "sky", "other"], "other")
     # pixels scored: car right, bus as other right, sky as other wrong
     assert result["per_class"] == {"car": {"full": 1.0, "pruned": 1.0}, "sky": {"full": 0.0, "pruned": 0.0},
                                    "other": {"full": 0.5, "pruned": 0.5}}
@@ -479,7 +537,7 @@ def test_ground_truth_of_non_chosen_classes_counts_as_none_in_miou():
 
 def test_restricted_mode_reads_the_full_model_on_the_kept_channels():
     labels = np.array([[[2, 3]]])  # bus, car
-    out = pruned_output(CLASSES, [1, 3], 0, mode="restricted")
+    out = output_from_names(CLASSES, OUT, "background", mode="restricted")
 
     def full(x):
         scores = _onehot(labels, 5)
@@ -489,9 +547,9 @@ def test_restricted_mode_reads_the_full_model_on_the_kept_channels():
     def pruned(x):
         return _onehot(np.array([[[2, 2]]]), 3)  # car on both
 
-    result = evaluate_fidelity(full, pruned, np.zeros((1, 1)), None, CLASSES, [1, 3], 0, "logits", "restricted")
+    result = evaluate_fidelity(full, pruned, np.zeros((1, 1)), None, CLASSES, OUT, "background", "logits", "restricted")
     assert result["mode"] == "restricted" and result["per_category"]["car"] == 1.0
-    result = evaluate_fidelity(full, pruned, np.zeros((1, 1)), None, CLASSES, [1, 3], 0, "logits", "chosen-or-none")
+    result = evaluate_fidelity(full, pruned, np.zeros((1, 1)), None, CLASSES, OUT, "background", "logits", "chosen-or-none")
     assert result["per_category"]["car"] == 0.5  # the bus pixel is none for the full model
     assert out.names == ("background", "person", "car")
 
@@ -503,7 +561,7 @@ def test_sigmoid_fidelity_and_ground_truth_per_category():
     probs_pruned[0, 1, 0, 1] = 0.2  # pruned loses sky on pixel 1
     truth = np.array([[[0, 2, 255]]])
     result = evaluate_fidelity(lambda x: probs_full, lambda x: probs_pruned, np.zeros((1, 1)), truth, classes,
-                               [0, 2], None, "sigmoid")
+                               ["road", "sky"], None, "sigmoid")
     assert result["output_classes"] == ["road", "sky"] and result["none"] is None
     assert result["per_category"] == {"road": 1.0, "sky": 0.5}
     assert result["category_fidelity"] == pytest.approx(0.75)
@@ -514,15 +572,15 @@ def test_sigmoid_fidelity_and_ground_truth_per_category():
 
 def test_predictions_are_resized_to_the_mask_size_and_channels_last_works():
     labels = np.array([[[1, 0], [0, 3]]])
-    full, pruned, inputs, _ = _fake_models(labels, CLASSES, [1, 3], 0)
+    full, pruned, inputs, _ = _fake_models(labels, CLASSES, OUT, "background")
     truth = np.kron(labels[0], np.ones((2, 2), np.int64))[None]  # 4x4 masks for 2x2 outputs
     result = evaluate_fidelity(lambda x: np.moveaxis(full(x), 1, -1), lambda x: np.moveaxis(pruned(x), 1, -1),
-                               inputs, truth, CLASSES, [1, 3], 0, class_axis=3)
+                               inputs, truth, CLASSES, OUT, "background", class_axis=3)
     assert result["category_fidelity"] == 1.0 and result["miou_full"] == 1.0
 
 
 def test_fidelity_rejects_a_pruned_model_with_the_wrong_channels():
     labels = np.zeros((1, 2, 2), np.int64)
-    full, _, inputs, _ = _fake_models(labels, CLASSES, [1, 3], 0)
+    full, _, inputs, _ = _fake_models(labels, CLASSES, OUT, "background")
     with pytest.raises(ValueError, match=r"pruned model scores have 5 channels .* expected 3"):
-        evaluate_fidelity(full, full, inputs, None, CLASSES, [1, 3], 0)
+        evaluate_fidelity(full, full, inputs, None, CLASSES, OUT, "background")
