@@ -53,13 +53,14 @@ class Example:
                             criterion)
         pruned = session(result.pruned)
         fidelity = evaluate_fidelity(self.run_full, lambda x: pruned.run(None, {self.model.input_name: x})[0],
-                                     self.eval_inputs, self.masks, self.model.classes, result.class_keep,
-                                     self.model.class_index(self.model.background))
+                                     self.eval_inputs, self.masks, self.model.classes, result.plan.names,
+                                     result.plan.none, self.model.output_kind, result.plan.mode,
+                                     class_axis=self.model.class_axis)
         shape = (1, 3, *self.model.image_size)
         full, cut = model_cost(self.model.proto, shape), model_cost(result.pruned, shape)
         return {"macs_ratio": cut.macs / full.macs, "params_ratio": cut.params / full.params,
-                "agreement": fidelity["agreement"], "miou_full": fidelity["miou_full"],
-                "miou_pruned": fidelity["miou_pruned"]}
+                "category_fidelity": fidelity["category_fidelity"], "agreement": fidelity["agreement"],
+                "miou_full": fidelity["miou_full"], "miou_pruned": fidelity["miou_pruned"]}
 
 
 def write_results(out: Path, name: str, report: dict, markdown_lines: list[str]) -> None:
