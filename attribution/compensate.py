@@ -16,9 +16,10 @@ data (the mean fold is a feasible point with no penalty), and on a handful of sa
 one pixel per image) it stays close to it. Keeping everything returns Theta. Consumers without moments (too large,
 or ConvTranspose) fall back to `mean`.
 
-Which consumers are refitted: `lsq` needs a plain (group=1) 2-D Conv with moments; other convs that read cut channels
-(grouped convs, ConvTranspose, convs too large for moments) get the mean fold, which holds for any conv; consumers
-that are not convs (a Gemm in a squeeze-excite) and convs without calibration statistics lose the channels plainly.
+Which consumers are refitted: `lsq` needs a plain (group=1) 2-D Conv with moments; other consumers that read cut
+channels get the mean fold, which holds for any linear map: grouped convs and ConvTranspose (per group), convs too
+large for moments, and a squeeze-excite's Gemm (its means are read on the pooled map it flattens). A Gemm whose bias
+is one number for all outputs, a MatMul, and consumers without calibration statistics lose the channels plainly.
 
 Replacements are returned in the original shapes, keyed by (node index, input index); compiler.prune cuts them like the
 original weights.
@@ -34,7 +35,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from disasm.attribution.disassembler import Attribution
-from disasm.compiler.channels import ChannelAnalysis, ConvSpec, conv_spec
+from disasm.compiler.channels import ChannelAnalysis, ConvSpec, constant_value, conv_spec
 
 METHODS = ("none", "mean", "lsq")
 DEFAULT_RIDGE = 1e-2
@@ -42,26 +43,29 @@ DEFAULT_RIDGE = 1e-2
 
 @dataclass(frozen=True)
 class CutConsumer:
-    """A conv whose input loses channels: where it is, what it is, and which of its input channels stay."""
+    """A consumer whose input loses channels, as the mean fold sees it: y = W x + b with W [out, in] the sum over
+    kernel taps (zero between the groups of a grouped conv). `spec` describes convs; Gemms have none."""
 
-    node: int            # index in the graph's node list, as in the analysis edits
+    node: int                  # index in the graph's node list, as in the analysis edits
     name: str
-    tensor: str          # its input
-    spec: ConvSpec
-    kept: np.ndarray     # kept input channels, indices into the whole input tensor
-
-    @property
-    def bias(self) -> np.ndarray:
-        return self.spec.bias if self.spec.bias is not None else np.zeros(self.spec.out_channels, self.spec.weight.dtype)
+    tensor: str                # its input
+    sources: tuple[str, ...]   # its input, then the feature maps it is a reshape of: where channel means may be read
+    kept: np.ndarray           # kept input channels, indices into the whole input tensor
+    weights: np.ndarray        # [out, in]
+    bias: np.ndarray           # [out], as added to the output (zeros where there is none)
+    bias_shape: tuple[int, ...]
+    bias_scale: float = 1.0    # what the node multiplies its bias input by (a Gemm's beta)
+    spec: ConvSpec | None = None
 
     @property
     def plain(self) -> bool:
         """A group=1 Conv, the one kind the least-squares refit models exactly."""
-        return self.spec.op == "Conv" and self.spec.group == 1
+        return self.spec is not None and self.spec.op == "Conv" and self.spec.group == 1
 
 
-def _cut_consumers(model: onnx.ModelProto, analysis: ChannelAnalysis, keep_sets: dict[int, np.ndarray]) -> Iterator[CutConsumer]:
-    """Every conv whose input loses channels (other consumers, e.g. Gemm, are only cut)."""
+def _cut_consumers(model: onnx.ModelProto, analysis: ChannelAnalysis,
+                   keep_sets: dict[int, np.ndarray]) -> Iterator[CutConsumer]:
+    """Every conv or Gemm whose input loses channels (a MatMul is only cut)."""
     graph = None
     for edit in analysis.edits:
         if edit.kind != "consume" or edit.channels.kept_indices(keep_sets).size == edit.channels.size:
@@ -69,12 +73,40 @@ def _cut_consumers(model: onnx.ModelProto, analysis: ChannelAnalysis, keep_sets:
         if graph is None:
             graph = gs.import_onnx(model)  # constants are read lazily: only the consumers' are decoded
         node = graph.nodes[edit.node]
-        spec = conv_spec(node) if node.op in ("Conv", "ConvTranspose") else None
         layout = analysis.tensors.get(node.inputs[0].name)
-        if spec is None or layout is None:
+        if layout is None:
             continue
-        yield CutConsumer(edit.node, node.name or node.outputs[0].name, node.inputs[0].name, spec,
-                          layout.kept_indices(keep_sets))
+        kept = layout.kept_indices(keep_sets)
+        consumer = _conv_consumer(edit.node, node, kept) if node.op in ("Conv", "ConvTranspose") else \
+            _gemm_consumer(edit.node, node, kept) if node.op == "Gemm" else None
+        if consumer is not None:
+            yield consumer
+
+
+def _conv_consumer(index: int, node: gs.Node, kept: np.ndarray) -> CutConsumer | None:
+    spec = conv_spec(node)
+    if spec is None:
+        return None
+    bias = spec.bias if spec.bias is not None else np.zeros(spec.out_channels, spec.weight.dtype)
+    return CutConsumer(index, node.name or node.outputs[0].name, node.inputs[0].name, (node.inputs[0].name,), kept,
+                       input_weights(spec), bias, bias.shape, spec=spec)
+
+
+def _gemm_consumer(index: int, node: gs.Node, kept: np.ndarray) -> CutConsumer | None:
+    """Y = alpha A B' + beta C over the channels of A: W = alpha B'^T. A C that is one number for every output (or a
+    beta of 0) cannot take a per-output fold: such a Gemm loses its channels plainly."""
+    weight = np.asarray(constant_value(node.inputs[1]))
+    weights = float(node.attrs.get("alpha", 1.0)) * (weight if node.attrs.get("transB", 0) else weight.T)
+    beta = float(node.attrs.get("beta", 1.0))
+    has_bias = len(node.inputs) > 2 and node.inputs[2].name
+    c = np.asarray(constant_value(node.inputs[2])) if has_bias else np.zeros(weights.shape[0], weight.dtype)
+    if beta == 0 or c.size != weights.shape[0]:
+        return None
+    sources = [node.inputs[0]]
+    while sources[-1].inputs and sources[-1].inputs[0].op in ("Flatten", "Reshape", "Squeeze"):
+        sources.append(sources[-1].inputs[0].inputs[0])  # GlobalAveragePool -> Flatten: the pooled map's means
+    return CutConsumer(index, node.name or node.outputs[0].name, node.inputs[0].name, tuple(t.name for t in sources),
+                       kept, weights, beta * c.reshape(-1), c.shape, beta)
 
 
 def input_weights(spec: ConvSpec) -> np.ndarray:
@@ -90,18 +122,21 @@ def input_weights(spec: ConvSpec) -> np.ndarray:
 
 
 def _mean_bias(consumer: CutConsumer, attribution: Attribution) -> np.ndarray | None:
-    """b + sum_{c cut} E[x_c] * sum_u W[:, c, u] (None without calibration statistics for the input)."""
-    if consumer.tensor not in attribution.mean_sum:
+    """The bias input that adds sum_{c cut} E[x_c] * W[:, c] to the outputs (None without calibration statistics)."""
+    channels = consumer.weights.shape[1]
+    source = next((t for t in consumer.sources if t in attribution.mean_sum and
+                   attribution.mean_sum[t].shape[-1] == channels), None)
+    if source is None:
         return None
-    removed = np.setdiff1d(np.arange(consumer.spec.in_channels), consumer.kept)
-    mean = attribution.channel_mean(consumer.tensor)[removed]
-    delta = input_weights(consumer.spec)[:, removed] @ mean
-    return (consumer.bias + delta).astype(consumer.spec.weight.dtype)
+    removed = np.setdiff1d(np.arange(channels), consumer.kept)
+    delta = consumer.weights[:, removed].astype(np.float64) @ attribution.channel_mean(source)[removed]
+    bias = (consumer.bias + delta) / consumer.bias_scale
+    return bias.reshape(consumer.bias_shape).astype(consumer.bias.dtype)
 
 
 def mean_compensation(model: onnx.ModelProto, analysis: ChannelAnalysis, keep_sets: dict[int, np.ndarray],
                       attribution: Attribution) -> dict[tuple[int, int], np.ndarray]:
-    """New biases (original shape) for every conv that reads cut channels."""
+    """New biases (original shape) for every conv or Gemm that reads cut channels."""
     replacements = {}
     for consumer in _cut_consumers(model, analysis, keep_sets):
         bias = _mean_bias(consumer, attribution)
@@ -141,14 +176,15 @@ def reconstruction_error(theta_new: np.ndarray, theta: np.ndarray, second_moment
 
 
 def _theta(weight: np.ndarray, bias: np.ndarray) -> np.ndarray:
-    """[W, b] of a plain conv as a matrix over its unfolded input patch plus 1 (channel-major, as attribution.moments)."""
+    """[W, b] of a plain conv as a matrix over its unfolded input patch plus 1 (channel-major, as in moments)."""
     return np.concatenate([weight.reshape(weight.shape[0], -1), bias[:, None]], axis=1).astype(np.float64)
 
 
 def lsq_compensation(model: onnx.ModelProto, analysis: ChannelAnalysis, keep_sets: dict[int, np.ndarray],
                      attribution: Attribution, ridge: float = DEFAULT_RIDGE) -> tuple[dict[tuple[int, int], np.ndarray], list[str]]:
-    """New weights and biases (original shapes) for every conv that reads cut channels, and the names of the
-    consumers that fell back to mean compensation (no moments, or not a plain group=1 Conv)."""
+    """New weights and biases (original shapes) for every consumer that reads cut channels, and the names of the
+    consumers that were not refitted (no moments, or not a plain group=1 Conv): they get the mean fold, or lose the
+    channels plainly where there are no statistics to fold."""
     replacements: dict[tuple[int, int], np.ndarray] = {}
     fallbacks: list[str] = []
     for consumer in _cut_consumers(model, analysis, keep_sets):

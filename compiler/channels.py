@@ -1,20 +1,33 @@
 """Channel dependency analysis: which tensors share a channel index space and must be cut together.
 
-Every conv output opens a *root* channel space. Ops that keep channels apart (activations, BN, pooling, resize, ...)
-pass their input's layout through; residual Add/Mul/... unify the roots of their inputs (a coupled group must keep the
-same channels everywhere); Concat lays inputs' layouts end to end, Split/Slice take sub-ranges. A tensor's channel
-axis is therefore described as a tuple of segments, each a range of one root (TensorChannels), tracked through
-Transposes by its axis. Anything that mixes or reshapes channels in a way this table cannot prove safe *blocks* the
-groups it touches: they are kept whole, and the reason is recorded per group (never guess).
+Every conv output opens a *root* channel space (so do Gemm and a MatMul against constant weights). Ops that keep
+channels apart (activations, BN, pooling, resize, ...) pass their input's layout through; residual Add/Mul/... unify
+the roots of their inputs (a coupled group must keep the same channels everywhere), while a one-channel operand (an
+attention map, a gate) broadcasts; Concat lays inputs' layouts end to end, Split/Slice take sub-ranges. A tensor's
+channel axis is therefore described as a tuple of segments, each a range of one root (TensorChannels), tracked
+through Transposes, Squeeze/Unsqueeze and reshapes by its axis. Where only part of a root must be unified with
+something (a residual add of a concat and one conv), the root is split into consecutive roots.
+
+What real graphs add, each exact against the masked reference:
+- grouped convs keep the same channels in every group (their groups' tiles of input and output are unified), so the
+  group count stays and each group keeps as many channels; depthwise convs pass their input's channels through, each
+  repeated by the channel multiplier, and their group count becomes the kept count;
+- reshapes keep the channels where one axis still holds them: a Flatten/Reshape of [N,C,1,1] to [N,C] and back, a
+  tf2onnx [1,1,1,C] pooling branch with Tile, and a channel shuffle (split [N,g,C/g,..] with its g blocks unified,
+  transposed, merged back with every channel repeated g times);
+- squeeze-excite through Gemm cuts matching rows and columns; MatMul over pixels (position attention) keeps channels.
+Anything that mixes channels in a way these rules cannot prove safe *blocks* the groups it touches (a softmax or
+pooling over channels, attention energies summed over channels, a channel Gram matrix): they are kept whole, and the
+reason is recorded per group (never guess).
 
 Exporters also compute with channel counts at run time (Shape -> Gather -> ... -> Reshape/Resize/Slice). Such values
 are followed element by element, with their static values: a Resize whose sizes read its own channel count follows a
 cut by itself, a Slice whose bounds are static is cut like a constant one, and any other use blocks the groups whose
-count it reads, since the cut would change the value.
+count it reads, since the cut would change the value. Pads computed from static spatial dims are evaluated.
 
 While propagating, each rule also records the *edits* a cut implies (slice this weight along that axis by that layout,
-set this depthwise conv's group count, rewrite these split sizes); compiler.prune applies them. One table holds both,
-so the analysis and the surgery cannot drift apart.
+set this depthwise conv's group count, rewrite these split sizes or this reshape target's channel entry);
+compiler.prune applies them. One table holds both, so the analysis and the surgery cannot drift apart.
 
 Hand-written because no maintained library analyses channel coupling on ONNX graphs (Torch-Pruning works on torch
 modules via autograd tracing; onnx-graphsurgeon only gives the graph IR we build on).
@@ -522,7 +535,8 @@ def conv_spec(node: gs.Node) -> ConvSpec | None:
         return None
     spatial = weight.ndim - 2
     auto_pad = node.attrs.get("auto_pad", "NOTSET")
-    return ConvSpec(node.op, np.asarray(weight), None if bias is None else np.asarray(bias), int(node.attrs.get("group", 1)),
+    return ConvSpec(node.op, np.asarray(weight), None if bias is None else np.asarray(bias),
+                    int(node.attrs.get("group", 1)),
                     tuple(node.attrs.get("strides", [1] * spatial)), tuple(node.attrs.get("pads", [0] * 2 * spatial)),
                     tuple(node.attrs.get("dilations", [1] * spatial)),
                     auto_pad.decode() if isinstance(auto_pad, bytes) else str(auto_pad))
@@ -1041,12 +1055,29 @@ def _gemm(ctx: _Context, index: int, node: gs.Node) -> None:
         return _keep_whole(ctx, node, la, "is not a product of its input's channels with constant weights")
     k_axis = 1 if node.attrs.get("transB", 0) else 0
     ctx.edits.append(Edit(index, "consume", la, input=1, axis=k_axis))
+    pooled = _pooled_source(ctx, a, la)
+    if pooled is not None:
+        ctx.observed.setdefault(pooled, ctx.layout[pooled])
     size = weight.shape[1 - k_axis]
     mine = TensorChannels(1, (Segment(ctx.roots.new(size, producer=node.name or node.op), 0, size),))
     ctx.edits.append(Edit(index, "slice", mine, input=1, axis=1 - k_axis))
-    if bias is not None and np.ndim(bias) >= 1 and np.shape(bias)[-1] == size > 1:
-        ctx.edits.append(Edit(index, "slice", mine, input=2, axis=np.ndim(bias) - 1))
+    if bias is None or (np.ndim(bias) >= 1 and np.shape(bias)[-1] == size > 1):
+        # Recorded even without C: mean compensation may give the Gemm one, which must be cut like its outputs.
+        ctx.edits.append(Edit(index, "slice", mine, input=2, axis=0 if bias is None else np.ndim(bias) - 1))
     ctx.layout[out.name] = mine
+
+
+def _pooled_source(ctx: _Context, t: gs.Tensor, lay: TensorChannels) -> str | None:
+    """The [N,C,1,1] feature map a Gemm's [N,C] input is a reshape of (GlobalAveragePool -> Flatten): attribution
+    observes NCHW feature maps, so that is where it can score those channels and measure the means that mean
+    compensation folds into the Gemm."""
+    while t.inputs and t.inputs[0].op in ("Flatten", "Reshape", "Squeeze"):
+        t = t.inputs[0].inputs[0]
+        src = ctx.layout.get(t.name)
+        if src is not None and _rank(t) == 4 and src.axis == 1 and src.size == lay.size and \
+                all(d == 1 for d in t.shape[2:]):
+            return t.name
+    return None
 
 
 def _matmul(ctx: _Context, index: int, node: gs.Node) -> None:

@@ -115,7 +115,8 @@ def test_grouped_conv_cuts_the_same_channels_in_every_group():
     assert group(analysis, a).size == 4 and group(analysis, g).size == 6
     assert group(analysis, a).prunable and group(analysis, g).prunable
     assert node_edits(model, analysis, g) == ["consume:1", "slice:1", "slice:2"]  # the group count stays
-    pruned = prune(model, analysis, {group(analysis, a).id: np.array([0, 3]), group(analysis, g).id: np.array([1, 2, 5])})
+    keep = {group(analysis, a).id: np.array([0, 3]), group(analysis, g).id: np.array([1, 2, 5])}
+    pruned = prune(model, analysis, keep)
     conv = next(n for n in pruned.graph.node if n.output[0] == g)
     weight = next(i for i in pruned.graph.initializer if i.name == conv.input[1])
     assert list(weight.dims) == [6, 2, 3, 3] and helper.get_attribute_value(conv.attribute[0]) == 2
@@ -240,7 +241,8 @@ def test_squeeze_excite_through_gemm(trans_b, back):
     pooled = net.op("Flatten", net.op("GlobalAveragePool", a), axis=1)
 
     def gemm(x: str, cin: int, cout: int) -> str:
-        return net.op("Gemm", x, net.weight(*((cout, cin) if trans_b else (cin, cout))), net.weight(cout), transB=trans_b)
+        weight = net.weight(*((cout, cin) if trans_b else (cin, cout)))
+        return net.op("Gemm", x, weight, net.weight(cout), transB=trans_b)
 
     squeezed = net.op("PRelu", gemm(pooled, 8, 4), net.weight(4))
     excited = net.op("Sigmoid", gemm(squeezed, 4, 8))

@@ -46,6 +46,39 @@ def two_convs(kernel: int, group: int = 1, weight_behind_identity: bool = False)
     return onnx.shape_inference.infer_shapes(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
 
 
+def pooled_gemm() -> onnx.ModelProto:
+    """x -> Conv 3x3 (3->8) -> Relu -> t -> GlobalAveragePool -> pooled -> Flatten -> Gemm (8->5, no C) -> [1,5,1,1]."""
+    rng = np.random.default_rng(0)
+    consts = [numpy_helper.from_array(rng.normal(size=(8, 3, 3, 3)).astype(np.float32), "w1"),
+              numpy_helper.from_array(rng.normal(size=(5, 8)).astype(np.float32), "g"),
+              numpy_helper.from_array(np.array([1, 5, 1, 1], np.int64), "shape")]
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["a"], pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["a"], ["t"]),
+             helper.make_node("GlobalAveragePool", ["t"], ["pooled"]),
+             helper.make_node("Flatten", ["pooled"], ["flat"]),
+             helper.make_node("Gemm", ["flat", "g"], ["scores"], name="gemm", transB=1, alpha=0.5),
+             helper.make_node("Reshape", ["scores", "shape"], ["y"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 12, 12])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 5, 1, 1])], consts)
+    return onnx.shape_inference.infer_shapes(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+
+
+def test_mean_folding_into_a_gemm_equals_channels_held_at_their_mean():
+    """A squeeze-excite Gemm reads pooled channels: the fold uses the pooled map's means and gives the Gemm a C."""
+    model = pooled_gemm()
+    analysis = analyse(model)
+    assert "pooled" in analysis.groups[analysis.tensors["t"].segments[0].group].observed
+    group_id = analysis.tensors["t"].segments[0].group
+    keep = np.array([1, 2, 6])
+    mean = np.random.default_rng(1).uniform(0.5, 2.0, size=8)
+    replacements = mean_compensation(model, analysis, {group_id: keep}, fake_attribution("pooled", mean))
+    assert [v.shape for v in replacements.values()] == [(5,)]
+    pruned = prune(model, analysis, {group_id: keep}, replacements=replacements)
+    reference = constant_channels_reference(model, "t", np.setdiff1d(np.arange(8), keep), mean)
+    x = np.random.default_rng(2).normal(size=(1, 3, 12, 12)).astype(np.float32)
+    np.testing.assert_allclose(run(pruned, x), run(reference, x), atol=1e-4, rtol=1e-4)
+
+
 def constant_channels_reference(model: onnx.ModelProto, tensor: str, removed: np.ndarray, mean: np.ndarray) -> onnx.ModelProto:
     """The model in which the removed channels of `tensor` are replaced by their constant mean."""
     c = len(mean)
@@ -195,7 +228,8 @@ def test_output_loss_names_cut_groups_and_shrinks_with_compensation(calibrated):
 
 def squeeze_excite_grouped() -> onnx.ModelProto:
     """x -> conv 3x3 (3->8) -> Relu -> t; squeeze-excite through Gemm (8->4->8) gates t; then a grouped conv (g=2)
-    and a plain head. The cut consumers of t are a Gemm and a grouped conv: neither is refitted."""
+    and a plain head. The cut consumers of t are a Gemm and a grouped conv: neither is refitted, both get the mean
+    fold (the Gemm's from the pooled map's means)."""
     rng = np.random.default_rng(0)
 
     def w(name, *shape):
@@ -238,12 +272,13 @@ def test_gemm_and_grouped_consumers_are_compensated_only_where_the_math_holds():
     index = {n.name: i for i, n in enumerate(model.graph.node) if n.name}
     assert analysis.groups[analysis.tensors["t"].segments[0].group].prunable
     replacements, fallbacks = lsq_compensation(model, analysis, keep_sets, attribution)
-    assert fallbacks == ["grouped"]                                    # mean fold instead of a refit
-    assert (index["grouped"], 2) in replacements and (index["grouped"], 1) not in replacements
+    assert sorted(fallbacks) == ["excite", "grouped", "squeeze"]        # not refitted:
+    for name in ("grouped", "squeeze"):                                 # mean fold
+        assert (index[name], 2) in replacements and (index[name], 1) not in replacements
+    assert not any(node == index["excite"] for node, _ in replacements)  # no statistics for its [N,4]: cut plainly
     assert (index["head"], 1) in replacements                          # refitted
-    assert not any(node in (index["squeeze"], index["excite"]) for node, _ in replacements)  # cut plainly
     assert set(mean_compensation(model, analysis, keep_sets, attribution)) == \
-        {(index["grouped"], 2), (index["head"], 2)}
+        {(index["squeeze"], 2), (index["grouped"], 2), (index["head"], 2)}
     losses = consumer_losses(model, analysis, keep_sets, attribution, replacements)
     assert set(losses) <= set(keep_sets)
     pruned = prune(model, analysis, keep_sets, replacements=replacements)
