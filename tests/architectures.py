@@ -407,8 +407,9 @@ class SoftmaxHead(nn.Module):
 
 
 class NonLocal(nn.Module):
-    """A non-local (self-attention) block reshapes channels into a matrix and multiplies: the analysis cannot follow
-    channels through Reshape + MatMul, so the groups it touches must stay whole."""
+    """A non-local (self-attention) block reshapes channels into a matrix and multiplies: the energies q^T q sum over
+    the query channels, so that group stays whole; the value path ([N,C,HW] x [HW,HW]) keeps its channels where the
+    reshapes are constant (the legacy exporter reads them from Shape at run time, which keeps them whole too)."""
 
     def __init__(self, classes: int = 5):
         super().__init__()
