@@ -552,7 +552,8 @@ def _conv(ctx: _Context, index: int, node: gs.Node) -> None:
         ctx.opaque(out, 1, reason)
         return
     if lx is not None and (lx.axis != 1 or lx.size != spec.in_channels):
-        ctx.block_tensor(x.name, f"{_label(node)} reads channels from axis {lx.axis}")
+        problem = f"reads channels from axis {lx.axis}" if lx.axis != 1 else "reads a different channel count"
+        ctx.block_tensor(x.name, f"{_label(node)} {problem}")
         lx = None
     if not spec.depthwise:
         _dense_conv(ctx, index, node, spec, lx)
@@ -917,8 +918,8 @@ def _regroup(ctx: _Context, in_dims: list, out_dims: list, lx: TensorChannels, r
       the axes before it and every channel repeated by the size of those after it."""
     a, size = lx.axis, lx.size
     before, after = in_dims[:a], in_dims[a + 1:]
-    for b, dim in enumerate(out_dims):
-        if dim == size and _same_product(before, out_dims[:b]) and _same_product(after, out_dims[b + 1:]):
+    for b in sorted(range(len(out_dims)), key=lambda b: b != a):  # where ones make several fit, the same axis first
+        if out_dims[b] == size and _same_product(before, out_dims[:b]) and _same_product(after, out_dims[b + 1:]):
             return TensorChannels(b, lx.segments)
     for b in range(len(out_dims) - 1):
         blocks, per_block = out_dims[b], out_dims[b + 1]
