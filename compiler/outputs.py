@@ -57,7 +57,8 @@ def plan_outputs(classes: tuple[str, ...], chosen: list[str], background: str | 
         return OutputPlan(tuple(classes[i] for i in kept), tuple((i,) for i in kept), background, mode)
     others = tuple(i for i in range(len(classes)) if i not in ids)
     if back is None:
-        return OutputPlan(tuple(classes[i] for i in ids) + (OTHER,), tuple((i,) for i in ids) + (others,), OTHER, mode)
+        none = next(n for n in (OTHER, "none", "not chosen") if n not in classes)  # never a class's own name
+        return OutputPlan(tuple(classes[i] for i in ids) + (none,), tuple((i,) for i in ids) + (others,), none, mode)
     order = sorted(ids + [back])
     return OutputPlan(tuple(classes[i] for i in order), tuple(others if i == back else (i,) for i in order),
                       background, mode)

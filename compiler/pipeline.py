@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -52,7 +53,7 @@ FRAGILE_LOSS = 0.05  # a cut group is fragile when a consumer still loses >5% of
 MIN_FIDELITY = 0.9   # default contract: mean IoU of the chosen categories against the full model's own answers
 # Selection thresholds the budget search tries, lightest cut first. Scores are normalised per group to a maximum of
 # 1, so the ladder spans "cut only the channels that never matter" to "keep only the strongest tenth".
-ALPHAS = (0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5)
+ALPHAS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5)
 SEARCH_TRIALS = len(ALPHAS).bit_length()  # trials of the binary search, at most
 HOLD_OUT_EVERY = 4   # without --eval-images, every fourth calibration image is held out for judging
 
@@ -165,7 +166,7 @@ def specialise(model: Model, analysis: ChannelAnalysis, attribution: Attribution
     self-describing metadata. A criterion other than the Disassembler picks its own channels within the
     Disassembler's per-group budget. With `cut` False every channel is kept (the uncut model, same output)."""
     plan = plan_outputs(model.classes, categories, model.background, model.output_kind, others)
-    targets = [model.class_index(c) for c in categories] + ([model.class_index(model.background)] if model.background else [])
+    targets = _targets(model, categories, plan)
     blocked = class_output_blocker(analysis)
     sliced = plan.single_sources if blocked is None else None  # class conv rows kept: the plan's classes, else all
     class_keep = sliced if sliced is not None else np.arange(len(model.classes))
@@ -192,6 +193,12 @@ def specialise(model: Model, analysis: ChannelAnalysis, attribution: Attribution
         pruned = add_output_head(pruned, plan, model.class_axis)
     losses = consumer_losses(model.proto, analysis, keep_sets, attribution, replacements)
     return Specialised(pruned, keep_sets, choices, plan, fallbacks, losses, blocked)
+
+
+def _targets(model: Model, categories: list[str], plan: OutputPlan) -> list[int]:
+    """The classes whose channels the output needs: those of its channels. A "none" channel is the max of every class
+    not chosen, so each of them must still win where the full model answers it (else a road pixel turns car)."""
+    return sorted({k for sources in plan.sources for k in sources})
 
 
 def parse_categories(text: str, model: Model) -> list[str]:
@@ -313,13 +320,11 @@ class _Judge:
         raise ValueError("not a judged image")
 
 
-def _fidelity(model: Model, judge: _Judge, pruned: onnx.ModelProto, plan: OutputPlan, categories: list[str],
-              threads: int | None, progress=None) -> dict[str, Any]:
+def _fidelity(model: Model, judge: _Judge, pruned: onnx.ModelProto, plan: OutputPlan, threads: int | None,
+              progress=None) -> dict[str, Any]:
     runner = OnnxRuntimeRunner(pruned.SerializeToString(), threads=threads)
-    background = model.class_index(model.background) if model.background else None
     return evaluate_fidelity(judge.full, lambda x: runner.infer(x)[0], judge.inputs, judge.masks, model.classes,
-                             [model.class_index(c) for c in categories], background, model.output_kind, plan.mode,
-                             progress, model.class_axis)
+                             list(plan.names), plan.none, model.output_kind, plan.mode, progress, model.class_axis)
 
 
 def _trial_row(setting: str, macs_ratio: float, fidelity: dict[str, Any]) -> dict[str, Any]:
@@ -343,7 +348,7 @@ def search_budget(model: Model, analysis: ChannelAnalysis, attribution: Attribut
         def trial(selection: SelectionSettings, cut: bool = True) -> tuple[Specialised, dict[str, Any]]:
             result = specialise(model, analysis, attribution, categories, selection, request.compensate, settings,
                                 request.criterion, request.others, cut)
-            fidelity = _fidelity(model, judge, result.pruned, result.plan, categories, request.threads)
+            fidelity = _fidelity(model, judge, result.pruned, result.plan, request.threads)
             setting = _setting(selection) if cut else "uncut (every channel kept)"
             trials.append(_trial_row(setting, model_cost(result.pruned, input_shape).macs / full_macs, fidelity))
             progress(len(trials))
@@ -435,11 +440,22 @@ def _images(request: Request, model: Model, size: tuple[int, int] | None) -> _Im
 
 def _warn_skipped(folder: ImageFolder) -> None:
     if folder.skipped:
-        import sys
         shown = ", ".join(f"{p.name} ({why})" for p, why in folder.skipped[:3])
         more = f" and {len(folder.skipped) - 3} more" if len(folder.skipped) > 3 else ""
         print(f"disasm-compile: warning: skipped {len(folder.skipped)} unreadable file(s) in {folder.root}: "
               f"{shown}{more}", file=sys.stderr)
+
+
+def _calibration_report(model: Model, attribution: Attribution, tau: float) -> dict[str, Any]:
+    """Which images and pixels each category's attribution used, and which categories fell back from confident
+    pixels (probability > tau) to the pixels where the model predicts them."""
+    fallback = {model.classes[k]: pixels for k, pixels in attribution.fallback_pixels().items()}
+    return {"images_per_class": dict(zip(model.classes, attribution.images_per_class.tolist())),
+            "mask_pixels": dict(zip(model.classes, attribution.mask_pixels.tolist())),
+            "predicted_pixels": dict(zip(model.classes, attribution.predicted_pixels.tolist())),
+            "fallback_pixels": fallback,
+            "note": (f"no pixel above tau {tau} for {', '.join(fallback)}: their masks are the pixels where the model "
+                     f"predicts them") if fallback else None}
 
 
 def validate(request: Request) -> None:
@@ -483,6 +499,11 @@ def compile_model(request: Request, stages: Stages | None = None) -> Report:
     if missing:
         raise DisasmError(f"the model never predicts {', '.join(missing)} on the calibration images; add images "
                           f"that contain it")
+    used_fallback = [c for c in categories if attribution.fallback[model.class_index(c)]]
+    if used_fallback:
+        print(f"disasm-compile: note: no calibration pixel of {', '.join(used_fallback)} is above --tau "
+              f"{attribution_settings.tau}; their attribution uses the pixels where the model predicts them",
+              file=sys.stderr)
     settings = {"attribution": attribution_settings.to_dict(), "selection": request.selection.to_dict(),
                 "criterion": request.criterion, "compensation": request.compensate, "categories": categories,
                 "others": request.others, "min_fidelity": request.min_fidelity, "input": inputs}
@@ -538,7 +559,7 @@ def compile_model(request: Request, stages: Stages | None = None) -> Report:
         images={"calibration": len(calib_paths), "judged": len(images.judged), "judged_source": judged,
                 "skipped": len(images.skipped), "skipped_files": [str(p) for p in images.skipped], "size": inputs["size"], "resize": request.resize,
                 "masks": images.masks is not None},
-        calibration={"confident_images_per_class": dict(zip(model.classes, attribution.images_per_class.tolist()))},
+        calibration=_calibration_report(model, attribution, request.attribution.tau),
         attribution={"cache_hit": cache_hit, "cache": str(cache_dir) if cache_dir else None,
                      "tensors": len(attribution.tensors), "consumers_with_moments": len(attribution.moments)},
         compensation={"method": request.compensate, "mean_fallbacks": result.compensation_fallbacks},

@@ -68,11 +68,11 @@ def _request(tmp_path: Path, scenes: Path, **changes) -> Request:
 
 
 def test_search_returns_the_smallest_model_that_meets_the_target(tmp_path, scenes, monkeypatch):
-    monkeypatch.setattr(pipeline, "ALPHAS", (0.0, 0.3, 0.6, 0.9))
-    report = compile_model(_request(tmp_path, scenes, min_fidelity=0.75))
+    monkeypatch.setattr(pipeline, "ALPHAS", (0.05, 0.1, 0.3, 0.6))
+    report = compile_model(_request(tmp_path, scenes, min_fidelity=0.8))
     trials, chosen = report.search["trials"], report.search["trials"][report.search["chosen"]]
-    assert report.contract["met"] and chosen["category_fidelity"] >= 0.75 and chosen["macs_ratio"] < 1
-    passing = [t for t in trials if t["category_fidelity"] is not None and t["category_fidelity"] >= 0.75]
+    assert report.contract["met"] and chosen["category_fidelity"] >= 0.8 and chosen["macs_ratio"] < 1
+    passing = [t for t in trials if t["category_fidelity"] is not None and t["category_fidelity"] >= 0.8]
     assert chosen["macs_ratio"] == min(t["macs_ratio"] for t in passing)
     assert report.fidelity["category_fidelity"] == chosen["category_fidelity"]
     assert report.output["classes"] == ["background", "red", "green"]
