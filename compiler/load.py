@@ -25,6 +25,7 @@ from pathlib import Path
 
 import onnx
 import onnx_graphsurgeon as gs
+import onnxruntime as ort
 from onnx_graphsurgeon.logger import G_LOGGER
 from google.protobuf.message import DecodeError
 from onnx import external_data_helper
@@ -40,6 +41,7 @@ LAYOUTS = ("nchw", "nhwc")
 OUTPUT_KINDS = ("logits", "probs", "sigmoid")
 COLORS = ("rgb", "bgr")
 IMAGE_CHANNELS = (1, 3)
+MAX_FOLD_ROUNDS = 8
 
 # Ops that leave every axis where it is: followed when tracing the class axis from the output back to its conv.
 _AXIS_KEEPING = {"Identity", "Cast", "Dropout", "Resize", "Upsample", "Softmax", "LogSoftmax", "Sigmoid", "Relu", "Clip",
@@ -174,10 +176,15 @@ def fold_constants(proto: onnx.ModelProto) -> onnx.ModelProto:
     too. Subgraphs that fail to evaluate are left as they are."""
     severity = G_LOGGER.severity
     G_LOGGER.severity = G_LOGGER.ERROR
+    ort.set_default_logger_severity(3)  # the folding sessions' optimiser notes are not the user's business
     try:
-        graph = gs.import_onnx(proto)
-        graph.fold_constants(error_ok=True).cleanup().toposort()
-        folded = gs.export_onnx(graph, do_type_check=False)
+        folded = proto
+        for _ in range(MAX_FOLD_ROUNDS):  # a folded shape lets inference find the next one (timm "same" padding)
+            graph = gs.import_onnx(onnx.shape_inference.infer_shapes(folded, data_prop=True))
+            graph.fold_constants(error_ok=True).cleanup().toposort()
+            before, folded = len(folded.graph.node), gs.export_onnx(graph, do_type_check=False)
+            if len(folded.graph.node) == before:
+                break
     finally:
         G_LOGGER.severity = severity
     folded.ir_version = max(proto.ir_version, 4)  # initializers need not be graph inputs from IR 4 on

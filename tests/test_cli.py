@@ -158,7 +158,7 @@ def test_unreadable_images_are_skipped_and_counted(small_data, tmp_path):
     assert main(args) == 0
     report = json.loads((tmp_path / "o" / "report.json").read_text())
     assert report["images"]["skipped_files"] == [str(calib / "broken.png")]
-    assert report["images"]["calibration"] + report["images"]["judged"] == 16
+    assert report["images"]["calibration"] == 16
 
 
 def test_existing_output_folder_needs_force(capsys, compiled, small_data):
