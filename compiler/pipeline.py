@@ -169,7 +169,8 @@ def specialise(model: Model, analysis: ChannelAnalysis, attribution: Attribution
     targets = _targets(model, categories, plan)
     blocked = class_output_blocker(analysis)
     sliced = plan.single_sources if blocked is None else None  # class conv rows kept: the plan's classes, else all
-    class_keep = sliced if sliced is not None else np.arange(len(model.classes))
+    rows = plan.row_order if blocked is None else np.arange(len(model.classes))  # reordered for a cheap head
+    class_keep = sliced if sliced is not None else rows
     scores = group_scores(attribution, analysis, targets, selection)
     keep_sets, choices = select_channels(analysis, scores, selection, class_keep)
     if criterion != "disassembler":
@@ -190,7 +191,7 @@ def specialise(model: Model, analysis: ChannelAnalysis, attribution: Attribution
                 "disasm.source_sha256": model.sha256, "disasm.settings": json.dumps(settings, sort_keys=True)}
     pruned = prune(model.proto, analysis, keep_sets, metadata=metadata, replacements=replacements)
     if sliced is None:
-        pruned = add_output_head(pruned, plan, model.class_axis)
+        pruned = add_output_head(pruned, plan, model.class_axis, rows)
     losses = consumer_losses(model.proto, analysis, keep_sets, attribution, replacements)
     return Specialised(pruned, keep_sets, choices, plan, fallbacks, losses, blocked)
 

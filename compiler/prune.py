@@ -20,8 +20,10 @@ def _checked_keep_sets(analysis: ChannelAnalysis, keep_sets: Mapping[int, np.nda
     clean: dict[int, np.ndarray] = {}
     for gid, keep in keep_sets.items():
         group = analysis.groups[gid]
-        keep = np.unique(np.asarray(keep, dtype=np.int64))
-        if keep.size == 0 or keep[0] < 0 or keep[-1] >= group.size:
+        keep = np.asarray(keep, dtype=np.int64).reshape(-1)
+        if gid != analysis.class_group or np.unique(keep).size != keep.size:
+            keep = np.unique(keep)  # only the class conv's rows may also be reordered (compiler.outputs)
+        if keep.size == 0 or keep.min() < 0 or keep.max() >= group.size:
             raise ValueError(f"keep-set of group {gid} must be non-empty indices in [0, {group.size}); got {keep.size} "
                              f"indices in [{keep.min(initial=0)}, {keep.max(initial=0)}]")
         if group.blocked and keep.size != group.size:
@@ -68,8 +70,8 @@ def _apply(graph: gs.Graph, analysis: ChannelAnalysis, keep_sets: dict[int, np.n
             key = (edit.node, edit.input)
             value = values.get(key)
             value = _input_value(node, edit.input) if value is None else value
-            if value is None or kept.size == edit.channels.size:
-                continue
+            if value is None or np.array_equal(kept, np.arange(edit.channels.size)):
+                continue  # nothing cut and nothing reordered
             values[key] = _edit_value(value, edit, kept, zero_consumers)
         elif zero_consumers or (kept.size == edit.channels.size and edit.bounds is None):
             continue  # (bounds computed at run time are always written as constants: they may read other cut groups)
