@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from disasm.compiler.errors import DisasmError
-from disasm.compiler.load import Preprocessing
+
+if TYPE_CHECKING:  # load imports onnx (a second or more); images are read without it
+    from disasm.compiler.load import Preprocessing
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp"}
 IGNORE_INDEX = 255
@@ -39,9 +43,47 @@ def parse_size(text: str) -> tuple[int, int]:
     return int(parts[0]), int(parts[1])
 
 
+SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")  # 16-bit grey PNGs open in one of these
+DECODE_ERRORS = (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError)
+
+
+def _open(path: Path) -> Image.Image:
+    """Image.open, with a decompression bomb (more pixels than PIL's limit) as the user's error, naming the file."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            return Image.open(path)
+    except Image.DecompressionBombError as e:
+        raise DisasmError(f"{path}: image too large to read safely ({e}); downscale it or move it out of the "
+                          f"folder") from None
+
+
+def oriented_size(img: Image.Image) -> tuple[int, int]:
+    """(width, height) as displayed: EXIF orientations 5 to 8 turn the stored pixels by 90 degrees."""
+    try:
+        orientation = img.getexif().get(0x0112, 1)
+    except Exception:  # a broken EXIF block: the pixels as stored
+        orientation = 1
+    return (img.height, img.width) if orientation in (5, 6, 7, 8) else img.size
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """8-bit RGB as the image is displayed: EXIF orientation applied; 16-bit grey scaled to 8 bit (not clipped to
+    white); palette, grey, grey+alpha, RGBA, CMYK and YCbCr converted by PIL (alpha dropped)."""
+    try:
+        img = ImageOps.exif_transpose(img)
+    except Exception:  # a broken EXIF block: the pixels as stored
+        pass
+    if img.mode in SIXTEEN_BIT_MODES:
+        wide = np.asarray(img, dtype=np.float64)
+        grey = np.clip(np.rint(wide / 257.0), 0, 255).astype(np.uint8)  # 65535 -> 255
+        return Image.fromarray(grey, "L").convert("RGB")
+    return img.convert("RGB")
+
+
 def _read_image(path: Path, size: tuple[int, int] | None, resize: str) -> np.ndarray:
-    with Image.open(path) as img:
-        img = img.convert("RGB")
+    with _open(path) as img:
+        img = to_rgb(img)
         if size is not None and img.size != (size[1], size[0]):
             if resize == "none":
                 raise DisasmError(f"{path}: image is {img.height}x{img.width} (HxW) but the model input is "
@@ -51,8 +93,29 @@ def _read_image(path: Path, size: tuple[int, int] | None, resize: str) -> np.nda
         return np.asarray(img, dtype=np.uint8)
 
 
+def _why(error: BaseException) -> str:
+    """A short reason a file was skipped, e.g. 'truncated' or 'not an image'."""
+    if isinstance(error, UnidentifiedImageError):
+        return "not an image"
+    text = str(error).strip()
+    if "truncated" in text:
+        return "truncated"
+    first = text.splitlines()[0] if text else ""
+    return f"{type(error).__name__}: {first}"[:120] if first else type(error).__name__
+
+
+def _decodes(path: Path) -> None:
+    """Decode the whole file (a JPEG at reduced scale: the same stream, a fraction of the work), so that a truncated
+    or corrupt file is found here and not in the middle of the run. Raises what PIL raises."""
+    with _open(path) as img:
+        if img.format == "JPEG":
+            img.draft(img.mode, (max(1, img.width // 8), max(1, img.height // 8)))
+        img.load()
+
+
 def scan_images(folder: str | Path, recursive: bool = False, size: tuple[int, int] | None = None) -> ImageFolder:
-    """List the images of `folder`, checking that each decodes; unreadable files are skipped and reported."""
+    """List the images of `folder`, checking that each decodes in full; unreadable files (not an image, truncated,
+    corrupt) are skipped and reported with why. An image over PIL's decompression-bomb limit is the user's error."""
     root = Path(folder)
     if not root.is_dir():
         raise DisasmError(f"{root}: image folder does not exist" if not root.exists() else f"{root}: not a folder")
@@ -62,11 +125,10 @@ def scan_images(folder: str | Path, recursive: bool = False, size: tuple[int, in
     result = ImageFolder(root, [], recursive=recursive)
     for p in candidates:
         try:
-            with Image.open(p) as img:
-                img.verify()
+            _decodes(p)
             result.paths.append(p)
-        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-            result.skipped.append((p, type(e).__name__))
+        except DECODE_ERRORS as e:
+            result.skipped.append((p, _why(e)))
     if not result.paths:
         found = f" ({len(result.skipped)} unreadable)" if result.skipped else ""
         deeper = "" if recursive else "; images in subfolders need --recursive"
@@ -77,10 +139,12 @@ def scan_images(folder: str | Path, recursive: bool = False, size: tuple[int, in
 def load_images(paths: list[Path], size: tuple[int, int] | None, resize: str = "stretch") -> np.ndarray:
     """uint8 [N, H, W, 3] RGB. With `size` (H, W), images are resized to it (`resize` stretch) or must have it
     (`resize` none); without it, all images must share one size."""
-    try:
-        images = [_read_image(p, size, resize) for p in paths]
-    except (OSError, SyntaxError, ValueError) as e:  # verified by scan_images, but decoding can still fail
-        raise DisasmError(f"cannot decode an image: {type(e).__name__}: {e}") from None
+    images = []
+    for p in paths:
+        try:
+            images.append(_read_image(p, size, resize))
+        except DECODE_ERRORS as e:  # decoded by scan_images, so the file changed since (or PIL disagrees with itself)
+            raise DisasmError(f"{p}: cannot decode the image ({_why(e)})") from None
     shapes = {im.shape[:2] for im in images}
     if len(shapes) != 1:
         raise DisasmError(f"images have different sizes (HxW {', '.join(f'{h}x{w}' for h, w in sorted(shapes)[:3])}"
@@ -124,9 +188,9 @@ def load_masks(folder: str | Path, images: ImageFolder, size: tuple[int, int] | 
 
 def _read_mask(path: Path, image: Path, size: tuple[int, int] | None, num_classes: int | None) -> np.ndarray:
     try:
-        with Image.open(image) as img:
-            image_size = img.size
-        with Image.open(path) as m:
+        with _open(image) as img:
+            image_size = oriented_size(img)
+        with _open(path) as m:
             if m.mode not in ("L", "P"):
                 raise DisasmError(f"{path}: mask must be a grey or palette PNG of class indices, not mode {m.mode}")
             if m.size != image_size:

@@ -44,6 +44,7 @@ from disasm.compiler.labels import LabelSet, match_categories
 from disasm.compiler.load import Model, Overrides, load_model, write_onnx
 from disasm.compiler.outputs import OutputPlan, add_output_head, plan_outputs
 from disasm.compiler.prune import prune
+from disasm.compiler.transaction import OutputTransaction, raise_if_interrupted
 from disasm.runtime.fidelity import evaluate_fidelity
 from disasm.runtime.latency import measure_latency, speedup
 from disasm.runtime.onnxrt import OnnxRuntimeRunner
@@ -88,6 +89,7 @@ class Request:
     threads: int | None = None
     trt_target: str | None = None
     engines: bool = True
+    reports: bool = False           # also write report.json, report.md and report.png into the output set (the CLI)
 
 
 @dataclass
@@ -221,7 +223,7 @@ def output_dir(request: Request, categories: list[str]) -> Path:
         raise DisasmError(f"{out}: exists and is not a folder")
     if out.exists() and any(out.iterdir()) and not request.force:
         raise DisasmError(f"{out}: output folder exists; pass --force to replace its contents or choose another --out")
-    return out
+    return out  # OutputTransaction.begin locks it and checks it can be written and replaced
 
 
 def input_size(model: Model, request: Request) -> tuple[int, int] | None:
@@ -290,6 +292,7 @@ def compile_engines(model: Model, full: onnx.ModelProto, pruned_path: Path, out:
         for precision in ("fp32", "fp16"):
             for name, source in (("full", full_path), ("pruned", pruned_path)):
                 build = build_engine(source, target, fp16=precision == "fp16", input_shapes=shapes)
+                raise_if_interrupted()  # TensorRT's logger swallows the KeyboardInterrupt of a Ctrl-C in the build
                 save_engine(out / "engines" / f"{name}.{precision}.engine", build.serialized)
                 builds[f"{name}.{precision}"] = {"build_seconds": round(build.build_seconds, 3),
                                                  "bytes": build.size_bytes, "weight_bytes": build.weight_bytes,
@@ -467,16 +470,98 @@ def validate(request: Request) -> None:
         raise DisasmError(f"--compensate {request.compensate!r} unknown; choose one of {', '.join(COMPENSATIONS)}")
     if not 0.0 < request.min_fidelity <= 1.0:
         raise DisasmError(f"--min-fidelity must be in (0, 1], got {request.min_fidelity}")
+    if request.threads is not None and request.threads < 1:
+        raise DisasmError(f"--threads must be >= 1, got {request.threads}")
+    if request.attribution.batch_size < 1:
+        raise DisasmError(f"--batch-size must be >= 1, got {request.attribution.batch_size}")
+    _check_device(request.device)
+    if request.engines:
+        _check_trt_target(request.trt_target)
+    if request.cache is not None and not request.no_cache:
+        _check_writable(request.cache, "--cache")
+
+
+def _check_device(device: str | None) -> None:
+    """--device names a torch device that exists here (default: cuda if available, else cpu)."""
+    if device is None:
+        return
+    import torch
+
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, ValueError, TypeError):
+        raise DisasmError(f"--device {device!r} is not a torch device; use cpu, cuda or cuda:N") from None
+    if parsed.type == "cpu":
+        return
+    if parsed.type == "cuda":
+        if not torch.cuda.is_available():
+            raise DisasmError(f"--device {device}: torch sees no CUDA GPU here; leave --device out or use cpu")
+        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
+            raise DisasmError(f"--device {device}: there are {torch.cuda.device_count()} CUDA GPU(s) here "
+                              f"(cuda:0 to cuda:{torch.cuda.device_count() - 1})")
+        return
+    backend = getattr(torch.backends, parsed.type, None) or getattr(torch, parsed.type, None)
+    available = getattr(backend, "is_available", None)
+    if available is None or not available():
+        raise DisasmError(f"--device {device}: not available here; use cpu or cuda")
+
+
+def _check_trt_target(target: str | None) -> None:
+    """--trt-target is a compute capability the installed TensorRT builds for (e.g. sm86, 8.6 or 86)."""
+    import re
+
+    if target is not None and not re.fullmatch(r"(sm_?)?\d+(\.\d+)?", target.strip().lower()):
+        raise DisasmError(f"--trt-target {target!r} is not a compute capability; use e.g. sm86, 8.6 or 86")
+    if not trt_available():
+        return
+    import torch
+
+    from disasm.runtime.tensorrt import _resolve_target  # the check build_engine makes, before any work
+
+    local = target is None and torch.cuda.is_available()
+    _resolve_target(trt_module(), None if local else (target or "sm86").replace("_", ""))
+
+
+def _check_writable(folder: Path, what: str) -> None:
+    """`folder` is a folder that can be written, or can be created (its nearest existing ancestor is writable)."""
+    import os
+
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if existing == folder and not folder.is_dir():
+        raise DisasmError(f"{what} {folder}: exists and is not a folder")
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise DisasmError(f"{what} {folder}: {existing} is not a writable folder")
 
 
 def compile_model(request: Request, stages: Stages | None = None) -> Report:
     """Specialise `request.model` to `request.categories`, write pruned.onnx into the output folder, and measure
-    what it gained and kept. Raises DisasmError for a user's mistake (before the long work where it can be checked)."""
+    what it gained and kept. Raises DisasmError for a user's mistake (before the long work where it can be checked).
+
+    The output set (pruned.onnx, attribution/, engines/, with `request.reports` report.json/md/png) is one
+    transaction (compiler/transaction.py): built beside the output folder and moved into place only when complete,
+    replacing an earlier set (--force) at that moment; a failure or an interrupt leaves the folder as it was."""
     stages = stages or Stages()
+    with OutputTransaction(force=request.force) as output:
+        report = _compile(request, stages, output)
+        if request.reports:
+            from disasm.runtime.plots import write_png
+            from disasm.runtime.report import write_report
+
+            write_report(report.to_dict(), output.staging)
+            write_png(report.to_dict(), output.staging)
+        output.commit()
+    return report
+
+
+def _compile(request: Request, stages: Stages, output: OutputTransaction) -> Report:
+    """compile_model's flow, writing into the transaction's staging folder (`staged`); the report names `out`."""
     validate(request)
     model = load_model(request.model, request.labels, request.overrides)
     categories = parse_categories(request.categories, model)
     out = output_dir(request, categories)
+    staged = output.begin(out)
     size = input_size(model, request)
     images = _images(request, model, size)
     calib_paths, calib_inputs, judged_inputs, judged = (images.calibration, images.calibration_inputs,
@@ -524,14 +609,15 @@ def compile_model(request: Request, stages: Stages | None = None) -> Report:
                                              input_shape, stages)
     fidelity = fidelity | {"source": judged}
     with stages.stage("write"):
-        write_onnx(result.pruned, out / "pruned.onnx", external_data=bool(model.external_data))
-        attribution_cache.save(out / "attribution", keys[-1] if attribution.moments else keys[0], attribution)
+        write_onnx(result.pruned, staged / "pruned.onnx", external_data=bool(model.external_data))
+        attribution_cache.save(staged / "attribution", keys[-1] if attribution.moments else keys[0], attribution)
     cost_full, cost_pruned = model_cost(model.proto, input_shape), model_cost(result.pruned, input_shape)
-    pruned_runner = OnnxRuntimeRunner(out / "pruned.onnx", threads=request.threads)
+    pruned_runner = OnnxRuntimeRunner(staged / "pruned.onnx", threads=request.threads)
     engines = None
     if trt_available() and request.engines:
         with stages.stage("engines"):
-            engines = compile_engines(model, model.proto, out / "pruned.onnx", out, request.trt_target, input_shape)
+            engines = compile_engines(model, model.proto, staged / "pruned.onnx", staged, request.trt_target,
+                                      input_shape)
     with stages.stage("latency", request.runs) as progress:
         sample = judged_inputs[:1]
         stats = measure_latency({"full": lambda: full_runner.infer(sample),
