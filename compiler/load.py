@@ -31,6 +31,7 @@ from google.protobuf.message import DecodeError
 from onnx import external_data_helper
 
 from disasm.compiler.errors import DisasmError
+from disasm.compiler.graphs import export_like
 from disasm.compiler.labels import given_label_count, resolve_labels
 
 IMAGENET_MEAN = (123.675, 116.28, 103.53)
@@ -181,17 +182,13 @@ def fold_constants(proto: onnx.ModelProto) -> onnx.ModelProto:
         folded = proto
         for _ in range(MAX_FOLD_ROUNDS):  # a folded shape lets inference find the next one (timm "same" padding)
             graph = gs.import_onnx(onnx.shape_inference.infer_shapes(folded, data_prop=True))
-            graph.fold_constants(error_ok=True).cleanup().toposort()
-            before, folded = len(folded.graph.node), gs.export_onnx(graph, do_type_check=False)
+            before = len(folded.graph.node)
+            # IR 4 and later: initializers need not be listed as graph inputs
+            folded = export_like(graph.fold_constants(error_ok=True), proto, ir_version=max(proto.ir_version, 4))
             if len(folded.graph.node) == before:
                 break
     finally:
         G_LOGGER.severity = severity
-    folded.ir_version = max(proto.ir_version, 4)  # initializers need not be graph inputs from IR 4 on
-    del folded.opset_import[:]
-    folded.opset_import.extend(proto.opset_import)
-    folded.producer_name, folded.producer_version = proto.producer_name, proto.producer_version
-    onnx.helper.set_model_props(folded, {p.key: p.value for p in proto.metadata_props})
     return folded
 
 
@@ -440,13 +437,7 @@ def _keep_only(proto: onnx.ModelProto, head: str) -> onnx.ModelProto:
     """The model with one output, without the layers only the other outputs used."""
     graph = gs.import_onnx(proto)
     graph.outputs = [t for t in graph.outputs if t.name == head]
-    graph.cleanup().toposort()
-    kept = gs.export_onnx(graph, do_type_check=False)
-    kept.ir_version = proto.ir_version
-    del kept.opset_import[:]
-    kept.opset_import.extend(proto.opset_import)
-    onnx.helper.set_model_props(kept, {p.key: p.value for p in proto.metadata_props})
-    return onnx.shape_inference.infer_shapes(kept)
+    return onnx.shape_inference.infer_shapes(export_like(graph, proto))
 
 
 def load_model(path: str | Path, labels: str | None = None, overrides: Overrides | None = None) -> Model:

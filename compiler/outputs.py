@@ -19,6 +19,8 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
+from disasm.compiler.graphs import export_like
+
 MODES = ("chosen-or-none", "restricted")
 OTHER = "other"
 
@@ -125,11 +127,4 @@ def add_output_head(model: onnx.ModelProto, plan: OutputPlan, axis: int,
         shape = list(out.shape)
         shape[axis] = len(plan.names)
         out.shape = shape
-    graph.cleanup().toposort()
-    head = gs.export_onnx(graph, do_type_check=False)
-    head.ir_version = model.ir_version
-    del head.opset_import[:]
-    head.opset_import.extend(model.opset_import)
-    onnx.helper.set_model_props(head, {p.key: p.value for p in model.metadata_props})
-    head.producer_name, head.producer_version = model.producer_name, model.producer_version
-    return head
+    return export_like(graph, model)

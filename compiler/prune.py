@@ -14,6 +14,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from disasm.compiler.channels import ChannelAnalysis, Edit, constant_value
+from disasm.compiler.graphs import export_like
 
 
 def _checked_keep_sets(analysis: ChannelAnalysis, keep_sets: Mapping[int, np.ndarray]) -> dict[int, np.ndarray]:
@@ -145,16 +146,8 @@ def _export(graph: gs.Graph, original: onnx.ModelProto, metadata: Mapping[str, s
     for tensor in graph.tensors().values():
         if isinstance(tensor, gs.Variable) and tensor not in graph.inputs:
             tensor.shape = None if tensor not in graph.outputs else tensor.shape
-    graph.cleanup().toposort()
-    proto = gs.export_onnx(graph, do_type_check=False)
+    proto = export_like(graph, original, metadata)
     del proto.graph.value_info[:]
-    proto.ir_version = original.ir_version
-    del proto.opset_import[:]
-    proto.opset_import.extend(original.opset_import)
-    proto.producer_name, proto.producer_version = original.producer_name, original.producer_version
-    props = {p.key: p.value for p in original.metadata_props}
-    props.update(metadata or {})
-    onnx.helper.set_model_props(proto, props)
     return onnx.shape_inference.infer_shapes(proto, strict_mode=True)
 
 
