@@ -15,6 +15,8 @@ Examples:
 Flow (one direction): load the model -> Disassembler attribution on the calibration images (all categories) ->
 select the channels the chosen categories need -> ONNX surgery -> ONNX Runtime latency of full vs pruned (interleaved,
 same process) and fidelity on the evaluation images -> pruned.onnx, report.json, report.md in --out.
+The output folder is written as one transaction: built beside it, moved into place when complete (--force replaces
+the earlier results at that moment), left as it was after an error or Ctrl-C; one run at a time per folder.
 This module only parses the command line, calls compiler.pipeline.compile_model and prints the report.
 """
 
@@ -25,19 +27,37 @@ import json
 import sys
 import traceback
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from rich.console import Console
-
-from disasm.attribution.baselines import CRITERIA
-from disasm.attribution.disassembler import AttributionSettings
-from disasm.attribution.select import SelectionSettings
 from disasm.compiler.errors import DisasmError
-from disasm.compiler.images import RESIZE_POLICIES
-from disasm.compiler.load import LAYOUTS, OUTPUT_KINDS, Overrides, parse_floats
-from disasm.compiler.outputs import MODES
-from disasm.compiler.pipeline import ALPHAS, MIN_FIDELITY, Request, Stages, compile_model
-from disasm.runtime.plots import write_png
-from disasm.runtime.report import print_report, write_report
+from disasm.compiler.transaction import interrupted, interrupts
+
+if TYPE_CHECKING:
+    from disasm.compiler.load import Overrides
+    from disasm.compiler.pipeline import Request
+
+# Choices and defaults of the options, written out so that --help and argument errors need neither torch nor onnx
+# (seconds of imports). tests/test_cli.py checks each against the module that owns it.
+CRITERIA = ("disassembler", "taylor", "l1", "magnitude", "random")  # attribution.baselines.CRITERIA
+LAYOUTS = ("nchw", "nhwc")                                          # compiler.load.LAYOUTS
+OUTPUT_KINDS = ("logits", "probs", "sigmoid")                       # compiler.load.OUTPUT_KINDS
+MODES = ("chosen-or-none", "restricted")                            # compiler.outputs.MODES
+RESIZE_POLICIES = ("stretch", "none")                               # compiler.images.RESIZE_POLICIES
+ALPHAS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5)  # compiler.pipeline.ALPHAS
+MIN_FIDELITY = 0.9                                                  # compiler.pipeline.MIN_FIDELITY
+ATTRIBUTION_DEFAULTS = {"tau": 0.8, "gradient": "positive", "target": "logit", "batch_size": 8}  # AttributionSettings
+SELECTION_DEFAULTS = {"alpha": 0.1, "beta": 0.2, "rule": "prod", "round_to": 8}  # attribution.select.SelectionSettings
+
+
+def _positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
 
 
 class _Parser(argparse.ArgumentParser):
@@ -92,10 +112,10 @@ def build_parser() -> argparse.ArgumentParser:
     color.add_argument("--rgb", dest="color", action="store_const", const="rgb", help="feed channels in RGB order "
                        "even if the metadata says disasm.color=bgr")
     at = p.add_argument_group("attribution (Disassembler)")
-    at.add_argument("--tau", type=float, default=AttributionSettings.tau, help="pixel confidence of the category masks (default %(default)s)")
-    at.add_argument("--gradient", default=AttributionSettings.gradient, help="gradient policy: positive, negative, absolute (default %(default)s)")
-    at.add_argument("--target", default=AttributionSettings.target, help="back-propagated score: logit or prob (default %(default)s)")
-    at.add_argument("--batch-size", type=int, default=AttributionSettings.batch_size, help="images per attribution forward and (image, category) rows per backward; bounds memory (default %(default)s)")
+    at.add_argument("--tau", type=float, default=ATTRIBUTION_DEFAULTS["tau"], help="pixel confidence of the category masks (default %(default)s)")
+    at.add_argument("--gradient", default=ATTRIBUTION_DEFAULTS["gradient"], help="gradient policy: positive, negative, absolute (default %(default)s)")
+    at.add_argument("--target", default=ATTRIBUTION_DEFAULTS["target"], help="back-propagated score: logit or prob (default %(default)s)")
+    at.add_argument("--batch-size", type=_positive_int, default=ATTRIBUTION_DEFAULTS["batch_size"], help="images per attribution forward and (image, category) rows per backward; bounds memory (default %(default)s)")
     at.add_argument("--device", default=None, help="torch device for attribution (default: cuda if available, else cpu)")
     se = p.add_argument_group("selection")
     se.add_argument("--min-fidelity", type=float, default=MIN_FIDELITY, help="the contract: smallest category "
@@ -106,9 +126,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "the paper's protocol (default %(default)s)")
     se.add_argument("--alpha", type=float, default=None, help="fix the budget by hand: keep channels whose "
                     f"normalised score exceeds alpha (default: searched over {', '.join(map(str, ALPHAS))})")
-    se.add_argument("--beta", type=float, default=SelectionSettings.beta, help="backward threshold of the 'and' rule (default %(default)s)")
-    se.add_argument("--rule", default=SelectionSettings.rule, help="combination of the two vectors: prod or and (default %(default)s)")
-    se.add_argument("--round-to", type=int, default=SelectionSettings.round_to, help="keep a multiple of this many channels per group (default %(default)s)")
+    se.add_argument("--beta", type=float, default=SELECTION_DEFAULTS["beta"], help="backward threshold of the 'and' rule (default %(default)s)")
+    se.add_argument("--rule", default=SELECTION_DEFAULTS["rule"], help="combination of the two vectors: prod or and (default %(default)s)")
+    se.add_argument("--round-to", type=int, default=SELECTION_DEFAULTS["round_to"], help="keep a multiple of this many channels per group (default %(default)s)")
     se.add_argument("--last-n", type=int, default=None, help="cut only groups within N convs of the output (default: all)")
     se.add_argument("--keep-ratio", type=float, default=None,
                     help="fix the budget by hand: keep this fraction of every cut group by score")
@@ -119,12 +139,12 @@ def build_parser() -> argparse.ArgumentParser:
                     "(calibration mean folded into the bias) or lsq (ridge least-squares refit of each consumer; "
                     "default %(default)s)")
     bench = p.add_argument_group("benchmark")
-    bench.add_argument("--runs", type=int, default=30, help="interleaved latency rounds, full vs pruned (default %(default)s)")
+    bench.add_argument("--runs", type=_positive_int, default=30, help="interleaved latency rounds, full vs pruned (default %(default)s)")
     bench.add_argument("--trt-target", default=None,
                        help="TensorRT engine target, e.g. sm86 (default: the local GPU; without one, sm86 with "
                             "TensorRT for RTX). Engines are built when a TensorRT module is installed (the trt extra)")
     bench.add_argument("--no-engines", action="store_true", help="do not build TensorRT engines")
-    bench.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads (default: ONNX Runtime's choice)")
+    bench.add_argument("--threads", type=_positive_int, default=None, help="ONNX Runtime intra-op threads (default: ONNX Runtime's choice)")
     out = p.add_argument_group("output")
     out.add_argument("--quiet", action="store_true", help="no progress bars and no table")
     out.add_argument("--json", action="store_true", help="print report.json to stdout instead of the table")
@@ -134,6 +154,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def model_overrides(args: argparse.Namespace) -> Overrides:
     """What the command line says about the model's input and output (None where it says nothing)."""
+    from disasm.compiler.load import Overrides, parse_floats
+
     return Overrides(layout=args.layout, output=args.output,
                      mean=parse_floats(args.mean, "--mean") if args.mean is not None else None,
                      std=parse_floats(args.std, "--std") if args.std is not None else None, color=args.color,
@@ -141,6 +163,11 @@ def model_overrides(args: argparse.Namespace) -> Overrides:
 
 
 def request_from_args(args: argparse.Namespace) -> Request:
+    """The pipeline's Request (imports torch: call it after the arguments are parsed)."""
+    from disasm.attribution.disassembler import AttributionSettings
+    from disasm.attribution.select import SelectionSettings
+    from disasm.compiler.pipeline import Request
+
     attribution = AttributionSettings(tau=args.tau, gradient=args.gradient, target=args.target,
                                       batch_size=args.batch_size)
     selection = SelectionSettings(alpha=args.alpha if args.alpha is not None else SelectionSettings.alpha,
@@ -154,25 +181,31 @@ def request_from_args(args: argparse.Namespace) -> Request:
                    budget_fixed=args.alpha is not None or args.keep_ratio is not None,
                    min_fidelity=args.min_fidelity, others=args.others, criterion=args.criterion,
                    compensate=args.compensate, runs=args.runs, threads=args.threads, trt_target=args.trt_target,
-                   engines=not args.no_engines)
+                   engines=not args.no_engines, reports=True)
 
 
 def main(argv: list[str] | None = None) -> int:
+    """disasm-compile: 0 done, 2 the user's mistake (one line), 1 an internal error, 130 interrupted (Ctrl-C)."""
+    with interrupts():
+        try:
+            try:
+                args = build_parser().parse_args(argv)
+            except SystemExit as e:  # --help (0) or a bad option (2, one line already printed)
+                return int(e.code or 0)
+            return _run(args)
+        except KeyboardInterrupt:
+            print("disasm-compile: interrupted; the output folder was left as it was", file=sys.stderr)
+            return 130
+
+
+def _run(args: argparse.Namespace) -> int:
     try:
-        args = build_parser().parse_args(argv)
-    except SystemExit as e:  # --help (0) or a bad option (2, one line already printed)
-        return int(e.code or 0)
-    stages = Stages(quiet=args.quiet or args.json)
-    try:
-        report = compile_model(request_from_args(args), stages).to_dict()
-        write_report(report, Path(report["out_dir"]))
-        write_png(report, Path(report["out_dir"]))
+        from disasm.compiler.pipeline import Stages, compile_model  # torch, onnx: after the arguments are read
+
+        report = compile_model(request_from_args(args), Stages(quiet=args.quiet or args.json)).to_dict()
     except DisasmError as e:
         print(f"disasm-compile: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("disasm-compile: interrupted", file=sys.stderr)
-        return 130
     except Exception as e:  # a bug, not a user mistake: short message, traceback on request
         if args.verbose:
             traceback.print_exc()
@@ -180,10 +213,20 @@ def main(argv: list[str] | None = None) -> int:
         print(f"disasm-compile: internal error: {type(e).__name__}: {first} (rerun with --verbose for the traceback)",
               file=sys.stderr)
         return 1
-    if args.json:
-        print(json.dumps(report, indent=2, sort_keys=True))
-    elif not args.quiet:
-        print_report(report, Console())
+    try:
+        if interrupted():  # Ctrl-C while the finished set was moved into place: it is complete, but stop here
+            raise KeyboardInterrupt
+        if args.json:
+            print(json.dumps(report, indent=2, sort_keys=True))
+        elif not args.quiet:
+            from rich.console import Console
+
+            from disasm.runtime.report import print_report
+
+            print_report(report, Console())
+    except KeyboardInterrupt:
+        print(f"disasm-compile: interrupted after the results were written to {report['out_dir']}", file=sys.stderr)
+        return 130
     return 0
 
 
