@@ -47,6 +47,11 @@ class OnnxRuntimeRunner:
             when comparing latencies, so both models run under the same conditions. Inter-op threads are always 1
             and execution is sequential.
         optimization: Graph optimization level, one of "disabled", "basic", "extended", "all". Defaults to "all".
+        spinning: Whether the intra-op worker threads busy-wait for work after a run (ONNX Runtime's
+            "session.intra_op.allow_spinning"). None keeps ONNX Runtime's default (they spin). Every session owns its
+            thread pool, so with two sessions in one process the idle one's spinning threads compete for the cores
+            with the running one; when timing several runners side by side on few cores, give them all the same
+            value (`conditions` says what each runner was created with).
 
     The session is created on construction and released by `close()` or by leaving a `with` block.
 
@@ -63,9 +68,10 @@ class OnnxRuntimeRunner:
         model: str | os.PathLike | bytes,
         threads: int | None = None,
         optimization: str = "all",
+        spinning: bool | None = None,
     ):
         self.model_description = _describe_model(model)
-        options = _session_options(threads, optimization)
+        options = _session_options(threads, optimization, spinning)
         self.providers: list[str] = _pick_providers(ort.get_available_providers())
         source = bytes(model) if isinstance(model, (bytes, bytearray)) else os.fspath(model)
         try:
@@ -77,12 +83,21 @@ class OnnxRuntimeRunner:
             raise
         self.threads = threads
         self.optimization = optimization
+        self.spinning = spinning
         self._inputs = {arg.name: arg for arg in self._session.get_inputs()}
         self.input_names: list[str] = list(self._inputs)
         self.input_name: str = self.input_names[0]
         self.output_names: list[str] = [arg.name for arg in self._session.get_outputs()]
         #: Wall time of the latest `infer` call in milliseconds (session run only, feed checks excluded).
         self.last_inference_ms: float | None = None
+
+    @property
+    def conditions(self) -> dict[str, object]:
+        """The settings this runner's timings depend on besides the model: what two runners compared side by side
+        must share (same threads, optimisation level, spinning, providers, ONNX Runtime version)."""
+        return {"backend": self.name, "onnxruntime": ort.__version__, "providers": list(self.providers),
+                "intra_op_threads": self.threads, "inter_op_threads": 1, "execution_mode": "sequential",
+                "optimization": self.optimization, "spinning": self.spinning}
 
     def infer(self, feed: np.ndarray | dict[str, np.ndarray]) -> list[np.ndarray]:
         """Run the model once and return its outputs in `output_names` order.
@@ -113,7 +128,7 @@ class OnnxRuntimeRunner:
     def __repr__(self) -> str:
         return (
             f"OnnxRuntimeRunner({self.model_description}, threads={self.threads}, "
-            f"optimization={self.optimization!r}, providers={self.providers})"
+            f"optimization={self.optimization!r}, spinning={self.spinning}, providers={self.providers})"
         )
 
     def _feed_dict(self, feed: np.ndarray | Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -153,14 +168,18 @@ def _describe_model(model: object) -> str:
     raise ValueError(f"model must be a path or serialized ONNX bytes, got {type(model).__name__}")
 
 
-def _session_options(threads: int | None, optimization: str) -> ort.SessionOptions:
+def _session_options(threads: int | None, optimization: str, spinning: bool | None = None) -> ort.SessionOptions:
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
         raise ValueError(f"threads must be a positive integer or None (ONNX Runtime's default), got {threads!r}")
     if optimization not in OPTIMIZATION_LEVELS:
         raise ValueError(
             f"unknown optimization level {optimization!r}; choose one of: {', '.join(OPTIMIZATION_LEVELS)}"
         )
+    if spinning is not None and not isinstance(spinning, bool):
+        raise ValueError(f"spinning must be True, False or None (ONNX Runtime's default), got {spinning!r}")
     options = ort.SessionOptions()
+    if spinning is not None:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
     if threads is not None:
         options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1

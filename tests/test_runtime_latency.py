@@ -12,7 +12,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from disasm.runtime import latency
-from disasm.runtime.latency import LatencyStats, measure_latency, speedup
+from disasm.runtime.latency import LatencyStats, SpeedupStats, measure_latency, paired_speedup, speedup
 from disasm.runtime.onnxrt import OnnxRuntimeRunner
 
 # ---- latency harness -------------------------------------------------------------------------------------------------
@@ -71,6 +71,48 @@ def test_statistics_and_speedup_from_a_fake_clock(monkeypatch):
     assert (fast.median_ms, fast.p10_ms, fast.p90_ms, fast.min_ms) == (2.75, 2.75, 2.75, 2.75)
     assert speedup(slow, fast) == pytest.approx(2.0)
     assert speedup(fast, slow) == pytest.approx(0.5)
+
+
+def test_spread_warmup_and_samples_are_recorded(monkeypatch):
+    now = [0]
+    monkeypatch.setattr(latency, "time", types.SimpleNamespace(perf_counter_ns=lambda: now[0]))
+    durations_ms = iter([40, 7] + list(range(1, 11)))  # warm-up calls take 40 then 7 ms
+
+    def call():
+        now[0] += int(next(durations_ms) * 1_000_000)
+
+    (stat,) = measure_latency({"model": call}, runs=10, warmup=2).values()
+    assert stat.samples_ms == tuple(float(v) for v in range(1, 11))  # timed calls in round order
+    assert (stat.warmup, stat.first_ms, stat.max_ms) == (2, 40.0, 10.0)
+    assert (stat.p25_ms, stat.p75_ms, stat.iqr_ms) == pytest.approx((3.25, 7.75, 4.5))
+    assert stat.spread == pytest.approx((9.1 - 1.9) / 5.5)
+
+
+def test_paired_speedup_takes_the_ratio_within_each_round(monkeypatch):
+    """A slow phase of the machine (rounds 3-4 take 10x) moves both candidates alike: every round's ratio is 2, so the
+    paired spread is nil although each candidate's own p10-p90 range spans 10x."""
+    now = [0]
+    monkeypatch.setattr(latency, "time", types.SimpleNamespace(perf_counter_ns=lambda: now[0]))
+    full_ms, pruned_ms = iter([4, 4, 40, 40, 4, 4]), iter([2, 2, 20, 20, 2, 2])
+
+    def advance(durations):
+        now[0] += next(durations) * 1_000_000
+
+    stats = measure_latency({"full": lambda: advance(full_ms), "pruned": lambda: advance(pruned_ms)}, runs=6, warmup=0)
+    pair = paired_speedup(stats["full"], stats["pruned"])
+    assert isinstance(pair, SpeedupStats) and (pair.base, pair.new, pair.rounds) == ("full", "pruned", 6)
+    assert (pair.p10, pair.p25, pair.median, pair.p75, pair.p90, pair.of_medians) == pytest.approx((2,) * 6)
+    assert stats["full"].p90_ms / stats["full"].p10_ms == pytest.approx(10)
+    assert pair.text() == "2.00x (p10-p90 2.00-2.00x over 6 rounds)"
+
+
+def test_paired_speedup_needs_samples_from_one_measurement():
+    a = LatencyStats("full", 2, 1.0, 1.0, 1.0, 1.0, 1.0, samples_ms=(1.0, 1.0))
+    b = LatencyStats("pruned", 3, 1.0, 1.0, 1.0, 1.0, 1.0, samples_ms=(1.0, 1.0, 1.0))
+    with pytest.raises(ValueError, match="both must come from one measure_latency call"):
+        paired_speedup(a, b)
+    with pytest.raises(ValueError, match="both must come from one measure_latency call"):
+        paired_speedup(LatencyStats("hand-made", 5, 1.0, 1.0, 1.0, 1.0, 1.0), b)
 
 
 def test_speedup_of_a_zero_median_is_an_error():
@@ -237,12 +279,27 @@ def test_runner_closes_at_the_end_of_a_with_block(conv_relu, image):
 
 
 def test_latency_of_two_runners_side_by_side(conv_relu, conv_relu_path, image):
-    full = OnnxRuntimeRunner(conv_relu_path, threads=1)
-    pruned = OnnxRuntimeRunner(conv_relu[0], threads=1)
+    full = OnnxRuntimeRunner(conv_relu_path, threads=1, spinning=False)
+    pruned = OnnxRuntimeRunner(conv_relu[0], threads=1, spinning=False)
+    assert full.conditions == pruned.conditions  # like for like: the same session settings
     candidates = {"full": lambda: full.infer(image), "pruned": lambda: pruned.infer(image)}
     stats = measure_latency(candidates, runs=3, warmup=1)
     assert [s.runs for s in stats.values()] == [3, 3]
     assert speedup(stats["full"], stats["pruned"]) > 0
+    assert paired_speedup(stats["full"], stats["pruned"]).rounds == 3
+
+
+def test_runner_conditions_name_every_setting_that_changes_timings(conv_relu, image):
+    spinning = OnnxRuntimeRunner(conv_relu[0], threads=2, optimization="extended", spinning=True)
+    assert spinning.conditions | {"onnxruntime": None} == {
+        "backend": "onnxruntime-cpu", "onnxruntime": None, "providers": ["CPUExecutionProvider"],
+        "intra_op_threads": 2, "inter_op_threads": 1, "execution_mode": "sequential", "optimization": "extended",
+        "spinning": True}
+    quiet = OnnxRuntimeRunner(conv_relu[0], threads=2, optimization="extended", spinning=False)
+    assert quiet.conditions != spinning.conditions
+    np.testing.assert_array_equal(quiet.infer(image)[0], spinning.infer(image)[0])
+    with pytest.raises(ValueError, match="spinning must be True, False or None"):
+        OnnxRuntimeRunner(conv_relu[0], spinning="no")
 
 
 def test_runtime_modules_import_neither_compiler_nor_attribution():
