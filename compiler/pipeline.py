@@ -44,7 +44,7 @@ from disasm.compiler.labels import LabelSet, match_categories
 from disasm.compiler.load import Model, Overrides, load_model, write_onnx
 from disasm.compiler.outputs import OutputPlan, add_output_head, plan_outputs
 from disasm.compiler.prune import prune
-from disasm.compiler.transaction import OutputTransaction, raise_if_interrupted
+from disasm.compiler.transaction import OutputTransaction, deferred_interrupts, raise_if_interrupted
 from disasm.runtime.fidelity import evaluate_fidelity
 from disasm.runtime.latency import measure_latency, speedup
 from disasm.runtime.onnxrt import OnnxRuntimeRunner
@@ -291,8 +291,9 @@ def compile_engines(model: Model, full: onnx.ModelProto, pruned_path: Path, out:
     try:
         for precision in ("fp32", "fp16"):
             for name, source in (("full", full_path), ("pruned", pruned_path)):
-                build = build_engine(source, target, fp16=precision == "fp16", input_shapes=shapes)
-                raise_if_interrupted()  # TensorRT's logger swallows the KeyboardInterrupt of a Ctrl-C in the build
+                with deferred_interrupts():  # raised in TensorRT's logger, a Ctrl-C is printed and swallowed
+                    build = build_engine(source, target, fp16=precision == "fp16", input_shapes=shapes)
+                raise_if_interrupted()  # so it is only recorded during the build, and raised after it
                 save_engine(out / "engines" / f"{name}.{precision}.engine", build.serialized)
                 builds[f"{name}.{precision}"] = {"build_seconds": round(build.build_seconds, 3),
                                                  "bytes": build.size_bytes, "weight_bytes": build.weight_bytes,
