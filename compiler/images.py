@@ -98,7 +98,7 @@ def _why(error: BaseException) -> str:
     if isinstance(error, UnidentifiedImageError):
         return "not an image"
     text = str(error).strip()
-    if "truncated" in text:
+    if "truncated" in text.lower():
         return "truncated"
     first = text.splitlines()[0] if text else ""
     return f"{type(error).__name__}: {first}"[:120] if first else type(error).__name__

@@ -13,8 +13,14 @@ wins somewhere with probability > 0.8, so attribution finds masks at the default
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import shutil
+import struct
+import subprocess
+import sys
+import time
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +32,8 @@ from PIL import Image
 
 from disasm.compiler import pipeline
 from disasm.compiler.cli import main
-from disasm.compiler.images import load_masks, scan_images
+from disasm.compiler.errors import DisasmError
+from disasm.compiler.images import load_images, load_masks, scan_images
 from disasm.compiler.load import Overrides, load_model
 
 SIZE = 16
@@ -284,12 +291,38 @@ def _bad_masks(data: Path, tmp: Path, how: str) -> Path:
     (["--masks", "MISSING"], "no mask for 1 of 6 images"),
     (["--masks", "SIZE"], "mask is 8x8 (HxW) but its image"),
     (["--masks", "LABEL"], "holds label(s) [7] but the model has 4 classes"),
+    (["--threads", "-1"], "argument --threads: must be >= 1, got -1"),
+    (["--runs", "0"], "argument --runs: must be >= 1, got 0"),
+    (["--batch-size", "x"], "argument --batch-size: invalid int value: 'x'"),
+    (["--device", "foo"], "--device 'foo' is not a torch device"),
+    (["--device", "cuda"], "--device cuda: torch sees no CUDA GPU here"),
+    (["--trt-target", "banana"], "--trt-target 'banana' is not a compute capability"),
+    (["--cache", "m.onnx"], "exists and is not a folder"),
 ])
 def test_bad_options(capsys, data, tmp_path, extra, expected):
+    """One line, exit 2, and nothing written: every option is checked before the long work."""
+    if extra == ["--device", "cuda"]:
+        import torch
+
+        if torch.cuda.is_available():
+            pytest.skip("CUDA is available here")
     model = save(seg_model(), tmp_path / "m.onnx")
     if extra[0] == "--masks":
         extra = ["--masks", str(_bad_masks(data, tmp_path, extra[1].lower()))]
-    assert expected in error_line(capsys, compile_args(model, data, tmp_path / "out", *extra))
+    if extra[0] == "--cache":
+        extra = ["--cache", str(model)]
+    argv = compile_args(model, data, tmp_path / "out", *extra)
+    argv.remove("--no-cache")
+    assert expected in error_line(capsys, argv)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted({"m.onnx", "masks"} & {p.name for p in tmp_path.iterdir()})
+
+
+def test_library_callers_get_the_same_option_checks(data, tmp_path):
+    request = pipeline.Request(model=save(seg_model(), tmp_path / "m.onnx"), categories="red", images=data / "images",
+                               labels=LABELS, out=tmp_path / "out", threads=0)
+    with pytest.raises(DisasmError, match="--threads must be >= 1"):
+        pipeline.compile_model(request)
+    assert not (tmp_path / "out").exists()
 
 
 def test_resize_none_needs_images_of_the_model_size(capsys, tmp_path):
@@ -329,12 +362,118 @@ def test_skipped_images_are_counted_on_the_terminal_and_in_the_report(capsys, da
     for p in (data / "images").iterdir():
         images.joinpath(p.name).write_bytes(p.read_bytes())
     (images / "broken.jpg").write_bytes(b"not a jpeg")
+    (images / "cut.jpg").write_bytes(_jpeg(np.full((SIZE, SIZE, 3), 99, np.uint8))[:300])  # truncated
     model = save(seg_model(), tmp_path / "m.onnx")
     argv = compile_args(model, data, tmp_path / "out")
     argv[argv.index("--images") + 1] = str(images)
     report, _, _ = compiled(argv)
-    assert report["images"]["skipped"] == 1 and report["images"]["calibration"] + report["images"]["judged"] == 6
-    assert "skipped 1 unreadable file(s)" in capsys.readouterr().err
+    assert report["images"]["skipped"] == 2 and report["images"]["calibration"] + report["images"]["judged"] == 6
+    assert report["images"]["skipped_files"] == [str(images / "broken.jpg"), str(images / "cut.jpg")]
+    err = capsys.readouterr().err
+    assert "skipped 2 unreadable file(s)" in err and "cut.jpg (truncated)" in err
+
+
+# ---- image files: every mode read as it is displayed, bad files skipped or named ------------------------------------
+
+def _jpeg(pixels: np.ndarray, **save_kwargs) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, "JPEG", quality=95, **save_kwargs)
+    return buffer.getvalue()
+
+
+def _png_header_only(path: Path, width: int, height: int) -> Path:
+    """A PNG that claims width x height (8-bit RGB) and holds no pixels: PIL checks the size when it opens it."""
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+                     + chunk(b"IEND", b""))
+    return path
+
+
+def test_truncated_jpeg_is_skipped_and_named(tmp_path):
+    pixels = np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)
+    (tmp_path / "good.jpg").write_bytes(_jpeg(pixels))
+    (tmp_path / "cut.jpg").write_bytes(_jpeg(pixels)[:-400])  # PIL's verify() passes this one
+    (tmp_path / "empty.png").write_bytes(b"")
+    folder = scan_images(tmp_path)
+    assert folder.paths == [tmp_path / "good.jpg"]
+    assert folder.skipped == [(tmp_path / "cut.jpg", "truncated"), (tmp_path / "empty.png", "not an image")]
+    assert load_images(folder.paths, None).shape == (1, 64, 64, 3)
+
+
+def test_sixteen_bit_png_is_scaled_to_eight_bits(tmp_path):
+    wide = np.array([[0, 257, 32896], [65535, 65535, 128]], np.uint16)  # -> 0, 1, 128, 255, 255, 0
+    Image.fromarray(wide).save(tmp_path / "deep.png")
+    assert Image.open(tmp_path / "deep.png").mode.startswith("I")
+    pixels = load_images(scan_images(tmp_path).paths, None)
+    np.testing.assert_array_equal(pixels[0, ..., 0], [[0, 1, 128], [255, 255, 0]])
+    assert (pixels[..., 0] == pixels[..., 2]).all()  # grey
+
+
+def test_palette_cmyk_and_grey_alpha_become_the_same_rgb(tmp_path):
+    rgb = np.zeros((4, 4, 3), np.uint8)
+    rgb[:2] = (200, 30, 90)
+    Image.fromarray(rgb).convert("P", palette=Image.ADAPTIVE, colors=4).save(tmp_path / "a_palette.png")
+    Image.fromarray(rgb).convert("CMYK").save(tmp_path / "b_cmyk.jpg", quality=100)
+    Image.fromarray(rgb[..., 0]).convert("LA").save(tmp_path / "c_grey_alpha.png")
+    pixels = load_images(scan_images(tmp_path).paths, None).astype(int)
+    np.testing.assert_array_equal(pixels[0], rgb)
+    assert np.abs(pixels[1] - rgb).max() <= 8  # JPEG
+    np.testing.assert_array_equal(pixels[2], np.repeat(rgb[..., :1], 3, axis=2))
+
+
+def test_exif_orientation_is_applied_to_images_and_mask_sizes(tmp_path):
+    stored = np.zeros((4, 8, 3), np.uint8)  # 4 high, 8 wide as stored; orientation 6: displayed 8 high, 4 wide
+    stored[0, 0] = 255
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    (tmp_path / "images").mkdir()
+    (tmp_path / "images" / "phone.jpg").write_bytes(_jpeg(stored, exif=exif))
+    folder = scan_images(tmp_path / "images")
+    pixels = load_images(folder.paths, None)
+    assert pixels.shape == (1, 8, 4, 3) and pixels[0, 0, 3].mean() > 150  # top-left corner turned to top-right
+    (tmp_path / "masks").mkdir()
+    Image.new("L", (4, 8)).save(tmp_path / "masks" / "phone.png")  # drawn on the displayed image
+    assert load_masks(tmp_path / "masks", folder, None).shape == (1, 8, 4)
+
+
+def test_decompression_bomb_is_the_users_error_naming_the_file(capsys, data, tmp_path):
+    images = Path(shutil.copytree(data / "images", tmp_path / "images"))
+    huge = _png_header_only(images / "huge.png", 15000, 15000)
+    with pytest.raises(DisasmError, match=f"{huge}: image too large to read safely"):
+        scan_images(images)
+    argv = compile_args(save(seg_model(), tmp_path / "m.onnx"), data, tmp_path / "out")
+    argv[argv.index("--images") + 1] = str(images)
+    assert f"{huge}: image too large" in error_line(capsys, argv)
+    assert not (tmp_path / "out").exists()
+
+
+# ---- the command line itself: fast, light ----------------------------------------------------------------------------
+
+def test_help_and_argument_errors_import_neither_torch_nor_onnx():
+    code = ("import sys, time; start = time.perf_counter(); from disasm.compiler.cli import main; "
+            "codes = [main(['--help']), main(['m.onnx', '--layout', 'x'])]; "
+            "print(codes, sorted(m for m in ('torch', 'onnx', 'onnxruntime', 'matplotlib') if m in sys.modules), "
+            "round(time.perf_counter() - start, 3))")
+    start = time.perf_counter()
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    took = time.perf_counter() - start
+    assert result.stdout.strip().splitlines()[-1].startswith("[0, 2] []"), result.stdout + result.stderr
+    assert took < 5, took  # about 0.1 s; torch alone takes seconds to import
+
+
+def test_cli_choices_and_defaults_are_those_of_the_modules_that_own_them():
+    from disasm.attribution.baselines import CRITERIA
+    from disasm.attribution.disassembler import AttributionSettings
+    from disasm.attribution.select import SelectionSettings
+    from disasm.compiler import cli, images, load, outputs
+
+    assert (cli.CRITERIA, cli.LAYOUTS, cli.OUTPUT_KINDS, cli.MODES, cli.RESIZE_POLICIES) == \
+        (CRITERIA, load.LAYOUTS, load.OUTPUT_KINDS, outputs.MODES, images.RESIZE_POLICIES)
+    assert (cli.ALPHAS, cli.MIN_FIDELITY) == (pipeline.ALPHAS, pipeline.MIN_FIDELITY)
+    assert {k: getattr(AttributionSettings(), k) for k in cli.ATTRIBUTION_DEFAULTS} == cli.ATTRIBUTION_DEFAULTS
+    assert {k: getattr(SelectionSettings(), k) for k in cli.SELECTION_DEFAULTS} == cli.SELECTION_DEFAULTS
 
 
 # ---- internal errors: short message, traceback only with --verbose --------------------------------------------------
