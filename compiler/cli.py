@@ -87,7 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
     io.add_argument("--recursive", action="store_true", help="also read images (and masks) in subfolders; masks are "
                     "then matched by relative path without suffix (images/a/b.jpg <-> masks/a/b.png)")
     io.add_argument("--out", type=Path, help="output folder (default: disasm-out/<model>-<categories>)")
-    io.add_argument("--force", action="store_true", help="replace the contents of an existing output folder")
+    io.add_argument("--force", action="store_true", help="replace an earlier output folder of disasm-compile; it is "
+                    "replaced only once the new results are complete (never a folder holding other files)")
     io.add_argument("--cache", type=Path, help="attribution cache folder, shared by runs with other --categories "
                                                "(default: attribution-cache/ next to the output folder)")
     io.add_argument("--no-cache", action="store_true", help="neither read nor write the attribution cache")
