@@ -165,6 +165,17 @@ def test_existing_output_folder_needs_force(capsys, compiled, small_data):
     assert "--force" in error_line(capsys, compile_args(small_data, compiled))
 
 
+def test_failed_force_rerun_keeps_the_earlier_results_byte_identical(capsys, compiled, small_data, tmp_path):
+    """--force replaces the earlier results only when the new set is complete: a rerun that fails (here on its
+    images) leaves every file as it was, and nothing beside the folder."""
+    before = {p.relative_to(compiled): p.read_bytes() for p in compiled.rglob("*") if p.is_file()}
+    args = compile_args(small_data, compiled, "--force")
+    args[args.index("--images") + 1] = str(tmp_path / "no-such-folder")
+    assert "image folder does not exist" in error_line(capsys, args)
+    assert {p.relative_to(compiled): p.read_bytes() for p in compiled.rglob("*") if p.is_file()} == before
+    assert not [p for p in compiled.parent.iterdir() if p.name.startswith(f".{compiled.name}.")]
+
+
 def test_model_that_is_not_a_segmentation_network(capsys, small_data, tmp_path):
     from onnx import TensorProto, helper
 
