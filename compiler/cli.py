@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import traceback
 from pathlib import Path
@@ -58,6 +59,20 @@ def _positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
     return value
+
+
+def _device(text: str) -> str:
+    """argparse type: a torch device name (whether it exists here is checked after parsing, with torch)."""
+    if not re.fullmatch(r"(cpu|cuda|mps|xpu)(:\d+)?", text.strip()):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a torch device; use cpu, cuda or cuda:N")
+    return text.strip()
+
+
+def _trt_target(text: str) -> str:
+    """argparse type: a compute capability (whether the TensorRT module builds for it is checked after parsing)."""
+    if not re.fullmatch(r"(sm_?)?\d+(\.\d+)?", text.strip().lower()):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a compute capability; use e.g. sm86, 8.6 or 86")
+    return text.strip()
 
 
 class _Parser(argparse.ArgumentParser):
@@ -117,7 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
     at.add_argument("--gradient", default=ATTRIBUTION_DEFAULTS["gradient"], help="gradient policy: positive, negative, absolute (default %(default)s)")
     at.add_argument("--target", default=ATTRIBUTION_DEFAULTS["target"], help="back-propagated score: logit or prob (default %(default)s)")
     at.add_argument("--batch-size", type=_positive_int, default=ATTRIBUTION_DEFAULTS["batch_size"], help="images per attribution forward and (image, category) rows per backward; bounds memory (default %(default)s)")
-    at.add_argument("--device", default=None, help="torch device for attribution (default: cuda if available, else cpu)")
+    at.add_argument("--device", type=_device, default=None, help="torch device for attribution (default: cuda if available, else cpu)")
     se = p.add_argument_group("selection")
     se.add_argument("--min-fidelity", type=float, default=MIN_FIDELITY, help="the contract: smallest category "
                     "fidelity (mean IoU of the chosen categories against the full model's answers, on the judged "
@@ -141,7 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "default %(default)s)")
     bench = p.add_argument_group("benchmark")
     bench.add_argument("--runs", type=_positive_int, default=30, help="interleaved latency rounds, full vs pruned (default %(default)s)")
-    bench.add_argument("--trt-target", default=None,
+    bench.add_argument("--trt-target", type=_trt_target, default=None,
                        help="TensorRT engine target, e.g. sm86 (default: the local GPU; without one, sm86 with "
                             "TensorRT for RTX). Engines are built when a TensorRT module is installed (the trt extra)")
     bench.add_argument("--no-engines", action="store_true", help="do not build TensorRT engines")

@@ -21,6 +21,7 @@ import subprocess
 import sys
 import time
 import zlib
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -294,9 +295,9 @@ def _bad_masks(data: Path, tmp: Path, how: str) -> Path:
     (["--threads", "-1"], "argument --threads: must be >= 1, got -1"),
     (["--runs", "0"], "argument --runs: must be >= 1, got 0"),
     (["--batch-size", "x"], "argument --batch-size: invalid int value: 'x'"),
-    (["--device", "foo"], "--device 'foo' is not a torch device"),
+    (["--device", "foo"], "argument --device: 'foo' is not a torch device"),
     (["--device", "cuda"], "--device cuda: torch sees no CUDA GPU here"),
-    (["--trt-target", "banana"], "--trt-target 'banana' is not a compute capability"),
+    (["--trt-target", "banana"], "argument --trt-target: 'banana' is not a compute capability"),
     (["--cache", "m.onnx"], "exists and is not a folder"),
 ])
 def test_bad_options(capsys, data, tmp_path, extra, expected):
@@ -319,9 +320,12 @@ def test_bad_options(capsys, data, tmp_path, extra, expected):
 
 def test_library_callers_get_the_same_option_checks(data, tmp_path):
     request = pipeline.Request(model=save(seg_model(), tmp_path / "m.onnx"), categories="red", images=data / "images",
-                               labels=LABELS, out=tmp_path / "out", threads=0)
-    with pytest.raises(DisasmError, match="--threads must be >= 1"):
-        pipeline.compile_model(request)
+                               labels=LABELS, out=tmp_path / "out")
+    for changes, expected in (({"threads": 0}, "--threads must be >= 1"),
+                              ({"device": "foo"}, "--device 'foo' is not a torch device"),
+                              ({"trt_target": "banana"}, "--trt-target 'banana' is not a compute capability")):
+        with pytest.raises(DisasmError, match=expected):
+            pipeline.compile_model(replace(request, **changes))
     assert not (tmp_path / "out").exists()
 
 
