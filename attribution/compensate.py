@@ -63,7 +63,7 @@ class CutConsumer:
         return self.spec is not None and self.spec.op == "Conv" and self.spec.group == 1
 
 
-def _cut_consumers(model: onnx.ModelProto, analysis: ChannelAnalysis,
+def cut_consumers(model: onnx.ModelProto, analysis: ChannelAnalysis,
                    keep_sets: dict[int, np.ndarray]) -> Iterator[CutConsumer]:
     """Every conv or Gemm whose input loses channels (a MatMul is only cut)."""
     graph = None
@@ -138,7 +138,7 @@ def mean_compensation(model: onnx.ModelProto, analysis: ChannelAnalysis, keep_se
                       attribution: Attribution) -> dict[tuple[int, int], np.ndarray]:
     """New biases (original shape) for every conv or Gemm that reads cut channels."""
     replacements = {}
-    for consumer in _cut_consumers(model, analysis, keep_sets):
+    for consumer in cut_consumers(model, analysis, keep_sets):
         bias = _mean_bias(consumer, attribution)
         if bias is not None:
             replacements[(consumer.node, 2)] = bias
@@ -162,10 +162,20 @@ def mean_fold(theta: np.ndarray, second_moment: np.ndarray, kept: np.ndarray) ->
 
 def refit(theta: np.ndarray, second_moment: np.ndarray, kept: np.ndarray, ridge: float = DEFAULT_RIDGE) -> np.ndarray:
     """Theta'_K: the ridge least-squares refit of the kept columns (`kept` ends with the bias column)."""
-    sub = second_moment[np.ix_(kept, kept)]
-    lam = ridge * float(np.mean(np.diag(sub)))
-    rhs = theta @ second_moment[:, kept] + lam * mean_fold(theta, second_moment, kept)
-    return np.linalg.solve(sub + lam * np.eye(len(kept)), rhs.T).T
+    return refit_cross(theta, second_moment[np.ix_(kept, kept)], second_moment[kept], kept, ridge)
+
+
+def refit_cross(theta: np.ndarray, kept_moment: np.ndarray, cross: np.ndarray, kept: np.ndarray,
+                ridge: float = DEFAULT_RIDGE) -> np.ndarray:
+    """Theta'_K predicting the full consumer's output Theta z from other kept inputs z' (the sequential refit,
+    attribution.refit): kept_moment = E[z' z'^T], cross = E[z' z^T], both with the trailing 1 (last row/column);
+    `kept` (ending with the bias column) says which columns of Theta z' stands for. The anchor is the mean match:
+    the kept columns, with the bias making E[Theta0 z'] = E[Theta z]. Where z' = z[kept] this is `refit`."""
+    lam = ridge * float(np.mean(np.diag(kept_moment)))
+    anchor = theta[:, kept].copy()
+    anchor[:, -1] += theta @ cross[-1] - theta[:, kept] @ kept_moment[-1]
+    rhs = theta @ cross.T + lam * anchor
+    return np.linalg.solve(kept_moment + lam * np.eye(len(kept)), rhs.T).T
 
 
 def reconstruction_error(theta_new: np.ndarray, theta: np.ndarray, second_moment: np.ndarray) -> float:
@@ -175,7 +185,7 @@ def reconstruction_error(theta_new: np.ndarray, theta: np.ndarray, second_moment
     return float(np.einsum("oi,ij,oj->", delta, second_moment, delta)) / theta.shape[0]
 
 
-def _theta(weight: np.ndarray, bias: np.ndarray) -> np.ndarray:
+def theta_matrix(weight: np.ndarray, bias: np.ndarray) -> np.ndarray:
     """[W, b] of a plain conv as a matrix over its unfolded input patch plus 1 (channel-major, as in moments)."""
     return np.concatenate([weight.reshape(weight.shape[0], -1), bias[:, None]], axis=1).astype(np.float64)
 
@@ -187,7 +197,7 @@ def lsq_compensation(model: onnx.ModelProto, analysis: ChannelAnalysis, keep_set
     channels plainly where there are no statistics to fold."""
     replacements: dict[tuple[int, int], np.ndarray] = {}
     fallbacks: list[str] = []
-    for consumer in _cut_consumers(model, analysis, keep_sets):
+    for consumer in cut_consumers(model, analysis, keep_sets):
         moments = attribution.moments.get(consumer.node)
         if moments is None or not consumer.plain:
             bias = _mean_bias(consumer, attribution)
@@ -199,7 +209,7 @@ def lsq_compensation(model: onnx.ModelProto, analysis: ChannelAnalysis, keep_set
         second_moment = moments / moments[-1, -1]  # the last diagonal entry counts the pixels
         taps = int(np.prod(consumer.spec.kernel))
         features = weight.shape[1] * taps
-        theta = _theta(weight, consumer.bias)
+        theta = theta_matrix(weight, consumer.bias)
         columns = kept_features(consumer.kept, taps, features)
         new = theta.copy()
         new[:, columns] = refit(theta, second_moment, columns, ridge)
@@ -216,7 +226,7 @@ def consumer_losses(model: onnx.ModelProto, analysis: ChannelAnalysis, keep_sets
     sees."""
     losses: dict[int, float] = {}
     replacements = replacements or {}
-    for consumer in _cut_consumers(model, analysis, keep_sets):
+    for consumer in cut_consumers(model, analysis, keep_sets):
         moments = attribution.moments.get(consumer.node)
         if moments is None or not consumer.plain:
             continue
@@ -224,8 +234,8 @@ def consumer_losses(model: onnx.ModelProto, analysis: ChannelAnalysis, keep_sets
         weight = consumer.spec.weight
         taps = int(np.prod(consumer.spec.kernel))
         features = weight.shape[1] * taps
-        full = _theta(weight, consumer.bias)
-        new = _theta(replacements.get((consumer.node, 1), weight), replacements.get((consumer.node, 2), consumer.bias))
+        full = theta_matrix(weight, consumer.bias)
+        new = theta_matrix(replacements.get((consumer.node, 1), weight), replacements.get((consumer.node, 2), consumer.bias))
         mask = np.zeros(features + 1)
         mask[kept_features(consumer.kept, taps, features)] = 1
         energy = float(np.einsum("oi,ij,oj->", full, second_moment, full)) / full.shape[0]
@@ -235,3 +245,4 @@ def consumer_losses(model: onnx.ModelProto, analysis: ChannelAnalysis, keep_sets
             if keep is not None and ((keep >= seg.start) & (keep < seg.stop)).sum() < seg.size:
                 losses[seg.group] = max(losses.get(seg.group, 0.0), loss)
     return losses
+

@@ -1,0 +1,328 @@
+"""Sequential least squares: refit the consumers of cut channels one depth level at a time, each on the inputs the
+already-pruned (and already-refitted) network gives it, towards the full network's own outputs (ThiNet, Luo et al.
+2017; channel pruning, He et al. 2017).
+
+The independent refit (attribution.compensate.lsq_compensation) fits every consumer on the *full* network's inputs:
+once an upstream consumer is cut and refitted, a downstream consumer no longer sees those inputs, and the errors
+compound. Here a consumer c with kept input patch z' (from the pruned network) and full input patch z (from the full
+network, same image and pixel) gets
+    Theta'_K = argmin E||Theta'_K z' - Theta z||^2 + lam ||Theta'_K - Theta0_K||^2
+             = (Theta B^T + lam Theta0_K) (A + lam I)^-1,      A = E[z' z'^T],  B = E[z' z^T],
+with the anchor Theta0_K the kept columns whose bias makes the output means agree (Theta0_K E[z'] = Theta E[z]) and
+lam = ridge * mean diagonal of A, as in compensate.refit. When nothing upstream of c is cut, z' is the kept part of z
+and this is exactly the independent refit. Consumers the refit cannot model (grouped convs, ConvTranspose, a
+squeeze-excite Gemm, convs with more than `max_features` patch entries) get the bias that matches the output means
+the same way (b' = b + W E[x] - W_K E[x'_K], W summed over taps): the sequential form of the mean fold.
+
+Bookkeeping. The pruned network is the masked reference (compiler.prune.masked_reference: removed channels zeroed at
+every consumer; the surgery is tested to equal it), whose tensors keep their names and full channel counts; the kept
+channels of a consumer's input are read from it. A consumer's level is 1 + the largest level of the cut consumers
+upstream of it (1: none). Every node gets the stage of the deepest cut consumer upstream of it (or its own level), which
+orders the graph topologically; stage s is run as one ONNX sub-graph through attribution.interpreter.TorchGraph, for
+the full and the pruned network, a batch of calibration images at a time (one for a static batch), keeping only the tensors
+later stages read. Before stage s runs, the consumers of level s are refitted from the moments of their inputs, and
+their new weights go into the pruned network. So the full and the pruned network each run once over the calibration
+images, up to the deepest consumer. Moments are accumulated in float64; the result is deterministic.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+from onnx import helper, numpy_helper
+
+from disasm.attribution.compensate import (DEFAULT_RIDGE, CutConsumer, cut_consumers, input_weights, kept_features,
+                                           refit_cross, theta_matrix)
+from disasm.attribution.interpreter import TorchGraph
+from disasm.attribution.moments import MAX_FEATURES, Consumer, patches
+from disasm.compiler.channels import ChannelAnalysis
+from disasm.compiler.errors import DisasmError
+from disasm.compiler.prune import masked_reference
+
+PIXEL_CHUNK = 16384  # patch rows multiplied at once (bounds the float64 copies)
+
+
+@dataclass
+class _Fit:
+    """What one consumer accumulates over the calibration images."""
+
+    consumer: CutConsumer
+    output: str                         # its first output's name: how it is found in both networks
+    level: int = 0
+    patch: Consumer | None = None       # plain convs refitted by least squares: the full input's unfolding
+    kept_patch: Consumer | None = None  # ... and the kept input's
+    cross: np.ndarray | None = None     # sum z' z^T  (kept x full patch entries, each with the trailing 1)
+    kept_moment: np.ndarray | None = None  # sum z' z'^T
+    full_sum: np.ndarray | None = None  # fallbacks: per-channel sums of the full input
+    kept_sum: np.ndarray | None = None  # ... and of the pruned input (all channels; only kept ones are read)
+    count: float = 0.0                  # pixels (rows) summed
+
+
+@dataclass
+class SequentialRefit:
+    replacements: dict[tuple[int, int], np.ndarray]
+    fallbacks: list[str]                # consumers not refitted by least squares (their bias matches the means)
+    levels: int                         # depth of the chain of cut consumers (stages run)
+    stage_seconds: list[float] = field(default_factory=list)
+
+
+def _patch_consumer(c: CutConsumer, channels: int) -> Consumer:
+    spec = c.spec
+    pads = spec.pads
+    return Consumer(c.node, c.name, c.tensor, channels, spec.kernel, spec.strides, spec.dilations,
+                    (pads[0], pads[1], pads[2], pads[3]), spec.auto_pad)
+
+
+def _refittable(c: CutConsumer, max_features: int) -> bool:
+    return c.plain and len(c.spec.kernel) == 2 and c.spec.in_channels * int(np.prod(c.spec.kernel)) <= max_features
+
+
+def _toposorted(nodes: list[onnx.NodeProto], available: set[str]) -> list[onnx.NodeProto]:
+    ready, pending, ordered = set(available) | {""}, list(nodes), []
+    while pending:  # one pass when the file is already sorted
+        still = []
+        for n in pending:
+            if all(i in ready for i in n.input):
+                ordered.append(n)
+                ready.update(n.output)
+            else:
+                still.append(n)
+        if len(still) == len(pending):
+            raise DisasmError("sequential refit: the graph has a cycle or reads a tensor nothing produces")
+        pending = still
+    return ordered
+
+
+class _Network:
+    """A graph split into stages (see the module docstring) and run stage by stage, per image."""
+
+    def __init__(self, proto: onnx.ModelProto, fits: dict[str, _Fit]):
+        graph = proto.graph
+        self.proto = proto
+        self.initializers = {t.name: t for t in graph.initializer}
+        self.input_names = [i.name for i in graph.input if i.name not in self.initializers]
+        if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for n in graph.node for a in n.attribute):
+            raise DisasmError("sequential refit: graphs with sub-graphs (If/Loop/Scan) are not supported")
+        self.nodes = _toposorted(list(graph.node), set(self.input_names) | set(self.initializers))
+        by_output = {o: n for n in self.nodes for o in n.output if o}
+        missing = [name for name in fits if name not in by_output]
+        if missing:
+            raise DisasmError(f"sequential refit: consumers {missing[:3]} not found in the pruned network")
+        self.consumers = {id(by_output[name]): fits[name] for name in fits}
+        self.stage: dict[int, int] = {}
+        reach: dict[str, int] = {}  # tensor -> stage of its producer
+        for n in self.nodes:
+            upstream = max((reach.get(i, 0) for i in n.input if i), default=0)
+            fit = self.consumers.get(id(n))
+            if fit is not None:
+                fit.level = max(fit.level, upstream + 1)  # both networks agree: same structure
+            stage = fit.level if fit is not None else upstream
+            self.stage[id(n)] = stage
+            for o in n.output:
+                reach[o] = stage
+        # nodes worth running: those the consumers' inputs depend on
+        wanted = {f.consumer.tensor for f in fits.values()}
+        self.needed: set[int] = set()
+        for n in reversed(self.nodes):
+            if any(o in wanted for o in n.output):
+                self.needed.add(id(n))
+                wanted.update(i for i in n.input if i)
+        self.overrides: dict[str, np.ndarray] = {}  # initializer name -> value (refitted weights)
+        self.renamed: dict[tuple[int, int], str] = {}  # (node id, input index) -> new input name
+
+    def set_input(self, fit: _Fit, index: int, value: np.ndarray) -> None:
+        node = next(n for n in self.nodes if id(n) in self.consumers and self.consumers[id(n)] is fit)
+        name = f"{fit.output}__sequential_refit_{index}"
+        self.renamed[(id(node), index)] = name
+        self.overrides[name] = np.ascontiguousarray(value)
+
+    def _node_inputs(self, n: onnx.NodeProto) -> list[str]:
+        inputs = list(n.input)
+        for (node_id, index), name in self.renamed.items():
+            if node_id == id(n):
+                inputs += [""] * (index + 1 - len(inputs))
+                inputs[index] = name
+        return inputs
+
+    def stage_graph(self, s: int, later_reads: set[str], env: dict[str, torch.Tensor]) -> tuple[onnx.ModelProto | None, list[str]]:
+        """Stage s as an ONNX model: its inputs are what earlier stages (or the image) computed, typed like their
+        values in `env`; its outputs what later stages read."""
+        nodes = [n for n in self.nodes if self.stage[id(n)] == s and id(n) in self.needed]
+        produced = {o for n in nodes for o in n.output if o}
+        outputs = [o for n in nodes for o in n.output if o and o in later_reads]
+        if not outputs:
+            return None, []
+        copies, reads, consts = [], [], {}
+        for n in nodes:
+            inputs = self._node_inputs(n)
+            copy = onnx.NodeProto()
+            copy.CopyFrom(n)
+            del copy.input[:]
+            copy.input.extend(inputs)
+            copies.append(copy)
+            for i in inputs:
+                if not i or i in produced or i in consts:
+                    continue
+                if i in self.overrides:
+                    consts[i] = numpy_helper.from_array(self.overrides[i], i)
+                elif i in self.initializers:
+                    consts[i] = self.initializers[i]
+                elif i not in reads:
+                    reads.append(i)
+        types = [helper.np_dtype_to_tensor_dtype(np.dtype(str(env[i].dtype).removeprefix("torch."))) for i in reads]
+        graph = helper.make_graph(copies, f"stage{s}",
+                                  [helper.make_tensor_value_info(i, t, None) for i, t in zip(reads, types)],
+                                  [onnx.ValueInfoProto(name=o) for o in outputs], list(consts.values()))
+        model = helper.make_model(graph, opset_imports=list(self.proto.opset_import))
+        model.ir_version = self.proto.ir_version
+        return model, reads
+
+    def reads_after(self, s: int) -> set[str]:
+        """Tensors read by the needed nodes of stages after s, and the inputs of consumers of levels after s."""
+        reads = {i for n in self.nodes if self.stage[id(n)] > s and id(n) in self.needed for i in self._node_inputs(n)}
+        reads |= {f.consumer.tensor for f in self.consumers.values() if f.level > s}
+        return reads
+
+
+def _runner(model: onnx.ModelProto, device: str, threads: int | None) -> Callable[[dict], dict]:
+    """Runs a stage: ONNX Runtime on the CPU (several times faster there than the interpreter, and what the pruned
+    model is judged with), attribution.interpreter.TorchGraph on other devices. Values are torch tensors."""
+    if torch.device(device).type != "cpu":
+        graph = TorchGraph(model, device=device)
+
+        def run_torch(feeds: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+            with torch.no_grad():
+                return graph.run(feeds)
+        return run_torch
+    options = ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = threads
+    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    names = [o.name for o in session.get_outputs()]
+
+    def run_ort(feeds: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        values = session.run(names, {k: v.numpy() for k, v in feeds.items()})
+        return {k: torch.from_numpy(np.asarray(v)) for k, v in zip(names, values)}
+    return run_ort
+
+
+def _patches(x: torch.Tensor, c: Consumer) -> torch.Tensor:
+    """moments.patches, without the unfolding for 1x1 convs without padding (most consumers)."""
+    if c.kernel != (1, 1) or any(c.pads) or c.auto_pad not in ("NOTSET", "VALID"):
+        return patches(x, c)
+    x = x[:, :, ::c.stride[0], ::c.stride[1]]
+    z = x.permute(0, 2, 3, 1).reshape(-1, x.shape[1])
+    return torch.cat([z, torch.ones(z.shape[0], 1, dtype=z.dtype, device=z.device)], dim=1)
+
+
+def _accumulate(fit: _Fit, full: torch.Tensor, pruned: torch.Tensor) -> None:
+    c = fit.consumer
+    kept = torch.as_tensor(c.kept, device=pruned.device)
+    if fit.patch is not None:
+        z = _patches(full, fit.patch)
+        zk = _patches(pruned.index_select(1, kept), fit.kept_patch)
+        for start in range(0, z.shape[0], PIXEL_CHUNK):
+            a, b = zk[start:start + PIXEL_CHUNK].double(), z[start:start + PIXEL_CHUNK].double()
+            cross, moment = (a.T @ b).cpu().numpy(), (a.T @ a).cpu().numpy()
+            fit.cross = cross if fit.cross is None else fit.cross + cross
+            fit.kept_moment = moment if fit.kept_moment is None else fit.kept_moment + moment
+        fit.count += float(z.shape[0])
+        return
+    axes = [a for a in range(full.dim()) if a != 1]
+    rows = float(full.numel() // full.shape[1])
+    fs, ps = full.double().sum(dim=axes).cpu().numpy(), pruned.double().sum(dim=axes).cpu().numpy()
+    fit.full_sum = fs if fit.full_sum is None else fit.full_sum + fs
+    fit.kept_sum = ps if fit.kept_sum is None else fit.kept_sum + ps
+    fit.count += rows
+
+
+def _solve(fit: _Fit, ridge: float) -> dict[int, np.ndarray]:
+    """New inputs of the consumer: {1: weight, 2: bias} for a least-squares refit (original shapes, removed columns
+    keeping their original values as compensate.lsq_compensation returns them), {2: bias} for the mean match."""
+    c = fit.consumer
+    if fit.count == 0:
+        return {}
+    if fit.patch is not None:
+        weight = c.spec.weight
+        taps = int(np.prod(c.spec.kernel))
+        features = weight.shape[1] * taps
+        theta = theta_matrix(weight, c.bias)
+        columns = kept_features(c.kept, taps, features)
+        new = theta.copy()
+        new[:, columns] = refit_cross(theta, fit.kept_moment / fit.count, fit.cross / fit.count, columns, ridge)
+        return {1: new[:, :features].reshape(weight.shape).astype(weight.dtype),
+                2: new[:, features].astype(weight.dtype)}
+    full_mean, kept_mean = fit.full_sum / fit.count, fit.kept_sum / fit.count
+    delta = c.weights @ full_mean - c.weights[:, c.kept] @ kept_mean[c.kept]
+    bias = (c.bias + delta) / c.bias_scale
+    return {2: bias.reshape(c.bias_shape).astype(c.bias.dtype)}
+
+
+def _masked_value(fit: _Fit, index: int, value: np.ndarray) -> np.ndarray:
+    """What the masked network's consumer holds: a refitted weight with the removed input channels zeroed."""
+    if index != 1:
+        return value
+    masked = np.zeros_like(value)
+    masked[:, fit.consumer.kept] = value[:, fit.consumer.kept]
+    return masked
+
+
+def sequential_compensation(model: onnx.ModelProto, analysis: ChannelAnalysis, keep_sets: dict[int, np.ndarray],
+                            inputs: np.ndarray, ridge: float = DEFAULT_RIDGE, device: str = "cpu",
+                            max_features: int = MAX_FEATURES, batch_size: int = 1, threads: int | None = None,
+                            progress: Callable[[int, int], None] | None = None) -> SequentialRefit:
+    """New weights and biases (original shapes, keyed by (node index, input index) like lsq_compensation) for every
+    consumer that reads cut channels, refitted level by level on the calibration `inputs` ([N, ...] preprocessed
+    images, run `batch_size` at a time: 1 for models with a static batch). Plain convs with at most `max_features` patch entries get the least-squares refit; the
+    others the mean-matching bias (named in `fallbacks`), or nothing where they have no bias to adjust."""
+    consumers = list(cut_consumers(model, analysis, keep_sets))
+    if not consumers:
+        return SequentialRefit({}, [], 0)
+    fits: dict[str, _Fit] = {}
+    for c in consumers:
+        fit = _Fit(c, model.graph.node[c.node].output[0])
+        if _refittable(c, max_features):
+            fit.patch, fit.kept_patch = _patch_consumer(c, c.spec.in_channels), _patch_consumer(c, len(c.kept))
+        fits[fit.output] = fit
+    masked_proto = masked_reference(model, analysis, keep_sets)
+    full, pruned = _Network(model, fits), _Network(masked_proto, fits)
+    levels = max(f.level for f in fits.values())
+    if len(full.input_names) != 1 or len(pruned.input_names) != 1:
+        raise DisasmError("sequential refit: the model must have exactly one image input")
+    batches = [torch.from_numpy(np.ascontiguousarray(inputs[i:i + batch_size]))
+               for i in range(0, len(inputs), batch_size)]
+    envs_full = [{full.input_names[0]: b.to(device)} for b in batches]
+    envs_pruned = [{pruned.input_names[0]: b.to(device)} for b in batches]
+    replacements: dict[tuple[int, int], np.ndarray] = {}
+    seconds: list[float] = []
+    for level in range(1, levels + 1):
+        start = time.perf_counter()
+        # run stage level-1, which computes the inputs of this level's consumers
+        for network, envs in ((full, envs_full), (pruned, envs_pruned)):
+            later = network.reads_after(level - 1)
+            stage, reads = network.stage_graph(level - 1, later, envs[0])
+            run = None if stage is None else _runner(stage, device, threads)
+            for env in envs:
+                if run is not None:
+                    env.update(run({r: env[r] for r in reads}))
+                for name in [k for k in env if k not in later]:
+                    del env[name]
+        now = [f for f in fits.values() if f.level == level]
+        for fit in now:
+            for env_f, env_p in zip(envs_full, envs_pruned):
+                _accumulate(fit, env_f[fit.consumer.tensor], env_p[fit.consumer.tensor])
+            for index, value in _solve(fit, ridge).items():
+                replacements[(fit.consumer.node, index)] = value
+                pruned.set_input(fit, index, _masked_value(fit, index, value))
+            fit.cross = fit.kept_moment = None  # free the moments
+        seconds.append(time.perf_counter() - start)
+        if progress is not None:
+            progress(level, levels)
+    fallbacks = [f.consumer.name for f in fits.values() if f.patch is None]
+    return SequentialRefit(replacements, fallbacks, levels, seconds)
