@@ -64,3 +64,108 @@ def test_class_keep_set_keeps_background_and_original_order():
     classes = ("background", "cat", "dog", "car")
     np.testing.assert_array_equal(class_keep_set(classes, ["car", "cat"], "background"), [0, 1, 3])
     np.testing.assert_array_equal(class_keep_set(classes, ["dog"], None), [2])
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Global allocation (attribution.allocate): MACs model, loss curves, the greedy
+# ---------------------------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def calibrated(tmp_path_factory):
+    import torch
+    from architectures import MiniDeepLab, export, randomise_batchnorm
+    from disasm.attribution.calibration import observed_tensors
+    from disasm.attribution.disassembler import AttributionSettings, attribute
+    from disasm.attribution.interpreter import TorchGraph
+    from disasm.attribution.moments import find_consumers
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("alloc") / "m.onnx"
+    export(randomise_batchnorm(MiniDeepLab()), path)
+    model = onnx.shape_inference.infer_shapes(onnx.load(str(path)))
+    analysis = analyse(model)
+    x = np.random.default_rng(0).normal(size=(8, 3, 32, 32)).astype(np.float32)
+    attribution = attribute(TorchGraph(model), x, observed_tensors(analysis), 5, "logits",
+                            AttributionSettings(batch_size=8), consumers=find_consumers(model, analysis))
+    return model, analysis, attribution
+
+
+def test_mac_model_counts_what_the_surgery_leaves(calibrated):
+    from disasm.attribution.allocate import mac_model
+    from disasm.compiler.cost import model_cost
+    from disasm.compiler.prune import prune
+
+    model, analysis, _ = calibrated
+    macs = mac_model(model, analysis, (1, 3, 32, 32))
+    assert macs.total == model_cost(model, (1, 3, 32, 32)).macs
+    rng = np.random.default_rng(1)
+    for _ in range(3):
+        keep = {g.id: np.sort(rng.choice(g.size, rng.integers(1, g.size + 1), replace=False))
+                for g in analysis.groups if g.prunable and g.id != analysis.class_group}
+        expected = model_cost(prune(model, analysis, keep), (1, 3, 32, 32)).macs
+        assert macs.macs(analysis, keep) == pytest.approx(expected, rel=1e-9)
+
+
+def test_loss_curve_is_the_least_squares_error_of_each_prefix(calibrated):
+    from disasm.attribution.allocate import loss_curves
+    from disasm.attribution.compensate import kept_features, reconstruction_error, theta_matrix
+    from disasm.compiler.channels import conv_spec
+    import onnx_graphsurgeon as gs
+
+    model, analysis, attribution = calibrated
+    graph = gs.import_onnx(model)
+    # a group read by exactly one consumer with moments, alone on its tensor
+    for node_index, moments in sorted(attribution.moments.items()):
+        layout = analysis.tensors[graph.nodes[node_index].inputs[0].name]
+        group = layout.segments[0].group
+        readers = [n for n in attribution.moments
+                   if any(s.group == group for s in analysis.tensors[graph.nodes[n].inputs[0].name].segments)]
+        if len(layout.segments) == 1 and readers == [node_index] and analysis.groups[group].prunable:
+            break
+    else:
+        pytest.fail("no group with a single measured consumer")
+    size = analysis.groups[group].size
+    order = np.random.default_rng(2).permutation(size)
+    curves = loss_curves(model, analysis, attribution, {group: order}, [group])
+    loss = curves.loss[group]
+    assert loss[size] == pytest.approx(0.0, abs=1e-5) and loss[0] > loss[size // 2] > 0
+    assert np.all(np.diff(loss) <= 1e-9)
+    spec = conv_spec(graph.nodes[node_index])
+    s = moments / moments[-1, -1]
+    taps = int(np.prod(spec.kernel))
+    theta = theta_matrix(spec.weight, spec.bias)
+    energy = float(np.einsum("oi,ij,oj->", theta, s, theta))
+    for k in (1, size // 2, size - 1):
+        cols = kept_features(np.sort(order[:k]), taps, spec.in_channels * taps)
+        best = np.zeros_like(theta)
+        best[:, cols] = theta @ s[:, cols] @ np.linalg.pinv(s[np.ix_(cols, cols)])  # plain least squares
+        assert loss[k] == pytest.approx(reconstruction_error(best, theta, s) * theta.shape[0] / energy, rel=1e-3,
+                                        abs=1e-6)
+
+
+def test_global_allocation_meets_the_mac_target_with_less_loss_than_one_threshold(calibrated):
+    from disasm.attribution.allocate import allocate, mac_model
+
+    model, analysis, attribution = calibrated
+    rng = np.random.default_rng(3)
+    scores = {g.id: rng.random(g.size) for g in analysis.groups if g.prunable}
+    settings = SelectionSettings(alpha=0.5, round_to=2)
+    macs = mac_model(model, analysis, (1, 3, 32, 32))
+    threshold, _ = select_channels(analysis, scores, settings, np.array([0, 1]))
+    ratio = macs.macs(analysis, threshold) / macs.total
+    keep, choices, curves = allocate(model, analysis, attribution, scores, settings, np.array([0, 1]), macs, ratio)
+    again, _, _ = allocate(model, analysis, attribution, scores, settings, np.array([0, 1]), macs, ratio)
+    assert all(np.array_equal(keep[g], again[g]) for g in keep)  # deterministic
+    assert macs.macs(analysis, keep) <= ratio * macs.total
+    np.testing.assert_array_equal(keep[analysis.class_group], [0, 1])
+    assert {c.group: c.total for c in choices} == {g: len(k) for g, k in keep.items()} | \
+        {c.group: c.total for c in choices if c.group not in keep}
+    for g, k in keep.items():  # each group keeps its best channels
+        if g != analysis.class_group:
+            best = np.sort(np.lexsort((np.arange(len(scores[g])), -scores[g]))[:len(k)])
+            np.testing.assert_array_equal(k, best)
+
+    def total(keep_sets):
+        return sum(curves.loss[g][len(keep_sets[g])] for g in curves.loss if curves.consumers[g])
+
+    assert total(keep) < total(threshold)
