@@ -154,6 +154,9 @@ def _read(path: Path) -> tuple[onnx.ModelProto, list[str]]:
         raise DisasmError(f"{path}: not an ONNX model (no graph nodes)")
     files = _external_files(proto)
     for name in files:
+        # judged by the text alone, so the answer never tells whether a file outside the model's folder exists
+        if os.path.isabs(name) or os.path.normpath(name).split(os.sep)[0] == "..":
+            raise DisasmError(f"{path}: external data location {name!r} points outside the model's folder")
         if not (path.parent / name).is_file():
             raise DisasmError(f"{path}: external data file missing: {path.parent / name} (keep it next to the model)")
     try:

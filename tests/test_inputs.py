@@ -501,3 +501,20 @@ def test_help_documents_the_input_options_with_examples(capsys):
     for example in ("--layout nhwc", "--output probs", "--input-size 512x1024", "--resize none", "--mean 127.5",
                     "--std 127.5", "--bgr", "--recursive"):
         assert example in text
+
+
+@pytest.mark.parametrize("exists", [False, True])
+def test_external_data_outside_the_model_folder_is_refused_alike(tmp_path, exists):
+    """The answer is the same whether or not the file outside the model's folder exists: it tells nothing about it."""
+    folder = tmp_path / "models"
+    path = save(seg_model(), folder / "m.onnx", external=True)
+    model = onnx.load(str(path), load_external_data=False)
+    for tensor in model.graph.initializer:
+        for entry in tensor.external_data:
+            if entry.key == "location":
+                entry.value = "../secret.data"
+    path.write_bytes(model.SerializeToString())
+    if exists:
+        (tmp_path / "secret.data").write_bytes((folder / "m.onnx.data").read_bytes())
+    with pytest.raises(DisasmError, match="points outside the model's folder"):
+        load_model(path)
