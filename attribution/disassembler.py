@@ -252,30 +252,51 @@ def _fallback(images_per_class: np.ndarray, predicted_pixels: np.ndarray, predic
     return _Fallback(categories, gate)
 
 
+#: Cost of one backward pass relative to one forward pass of the same rows, for planning the gradient rows (measured
+#: on CPU with the interpreter: only input gradients are computed, the weights are constants).
+BACKWARD_COST = 1.2
+
+
+def _shared_rounds(rows_per_image: torch.Tensor) -> int:
+    """How many backward passes to run through the batch's own forward graph (see _attribute_pass). Round j
+    back-propagates every image's j-th category at once, and costs one backward over the whole batch whatever the
+    number of images that still have a j-th category; a row left to the repeated passes costs a forward and a backward
+    of its own. Round j is worth it while more than BACKWARD_COST / (1 + BACKWARD_COST) of the batch has a j-th row."""
+    batch, rounds = len(rows_per_image), 0
+    while (1 + BACKWARD_COST) * int((rows_per_image > rounds).sum()) > BACKWARD_COST * batch:
+        rounds += 1
+    return rounds
+
+
 def _attribute_pass(graph: TorchGraph, x: torch.Tensor, tensors: list[str], num_classes: int, output_kind: str,
                     settings: AttributionSettings, consumers: Sequence[Consumer], class_axis: int,
-                    fallback: _Fallback | None) -> tuple[Attribution, np.ndarray | None]:
+                    fallback: _Fallback | None) -> tuple[Attribution, np.ndarray | None, np.ndarray]:
     """One batch of the first pass (fallback None: masks P > tau for every category; also the channel means, the
     moments, and the counts [3, K] that decide the fallback: predicted pixels, images where the predicted share
     reaches min_mask_fraction, non-finite output values), or of the second pass (the predicted-pixel masks of the
-    fallback categories only; no means, moments or image count, which the first pass has). See attribute_batch."""
+    fallback categories only; no means, moments or image count, which the first pass has). Also returns the share of
+    each image's pixels where each category is predicted [B, K] (which images the second pass needs). See
+    attribute_batch for the passes."""
     first = fallback is None
     x = x.detach().requires_grad_(False)
     capture = list(dict.fromkeys([*tensors, *(c.tensor for c in consumers)])) if first else list(tensors)
-    with torch.no_grad():
+    # One forward for everything: with gradients when there is something to differentiate, so that the batch's own
+    # graph serves the first backward rounds (no forward without gradients just to find the masks).
+    with torch.set_grad_enabled(bool(tensors)):
         values = graph.run({graph.input_names[0]: x}, capture=capture)
-        output = values[graph.output_names[0]]
+    with torch.no_grad():
+        output = values[graph.output_names[0]].detach()
         if output.dim() != 4 or output.shape[class_axis] != num_classes:
             raise DisasmError(f"model output has shape {list(output.shape)}: expected {num_classes} classes on "
                               f"axis {class_axis}")
         output = output.movedim(class_axis, 1)
         probabilities = _class_probabilities(output, output_kind)                                    # [B,K,H,W]
         predicted = _predicted(probabilities, output_kind)
+        share = predicted.float().mean(dim=(2, 3))                                                     # [B, K]
         if first:
             masks = (probabilities > settings.tau).float()
             fraction = masks.mean(dim=(2, 3))
             present = (fraction >= settings.min_mask_fraction) & (fraction > 0)                        # [B, K]
-            share = predicted.float().mean(dim=(2, 3))
             counts = torch.stack([predicted.sum(dim=(0, 2, 3)),
                                   ((share >= settings.min_mask_fraction) & (share > 0)).sum(0),
                                   (~torch.isfinite(output)).sum(dim=(0, 2, 3))])
@@ -284,9 +305,15 @@ def _attribute_pass(graph: TorchGraph, x: torch.Tensor, tensors: list[str], num_
             fraction = masks.mean(dim=(2, 3))
             present = (fraction >= torch.from_numpy(fallback.gate).to(x.device)) & (fraction > 0)
             counts = None
+        del probabilities, predicted
         masks = masks * present[:, :, None, None]
-        activations = {t: values[t].flatten(2) for t in tensors}                                       # [B, C, P]
-        grid_masks = {t: _mask_on_grid(masks, tuple(values[t].shape[-2:])).flatten(2) for t in tensors}  # [B,K,P]
+        activations = {t: values[t].detach().flatten(2) for t in tensors}                              # [B, C, P]
+        on_grid: dict[tuple[int, ...], torch.Tensor] = {}  # masks pooled once per distinct grid
+        for t in tensors:
+            size = tuple(values[t].shape[-2:])
+            if size not in on_grid:
+                on_grid[size] = _mask_on_grid(masks, size).flatten(2)
+        grid_masks = {t: on_grid[tuple(values[t].shape[-2:])] for t in tensors}                       # [B, K, P]
         mean_sum = {t: a.mean(2).sum(0).double() for t, a in activations.items()} if first else {}
         forward_sum = {t: (_normalised(torch.einsum("bkp,bcp->kbc", grid_masks[t], torch.relu(a)), "sum")
                            * present.T[..., None]).sum(1).double() for t, a in activations.items()}
@@ -296,23 +323,47 @@ def _attribute_pass(graph: TorchGraph, x: torch.Tensor, tensors: list[str], num_
     backward_sum = {t: torch.zeros_like(v) for t, v in forward_sum.items()}
     taylor_sum = {t: torch.zeros_like(v) for t, v in forward_sum.items()}
     phi = GRADIENT_POLICIES[settings.gradient]
-    # [n, 2] (image, category) rows; without observed tensors there is nothing to differentiate
-    pairs = torch.nonzero(present) if tensors else torch.zeros((0, 2), dtype=torch.long, device=x.device)
-    for start in range(0, len(pairs), settings.batch_size):
-        image, category = pairs[start:start + settings.batch_size].T
-        repeated = graph.run({graph.input_names[0]: x[image]}, capture=tensors)
-        scores = _class_scores(repeated[graph.output_names[0]].movedim(class_axis, 1), output_kind, settings.target)
-        seeds = torch.zeros_like(scores)                       # d(sum of row n's category scores in its mask)/d scores
-        seeds[torch.arange(len(image), device=x.device), category] = masks[image, category]
-        grads = torch.autograd.grad([scores], [repeated[t] for t in tensors], [seeds], allow_unused=True)
+
+    def add_rows(image: torch.Tensor, category: torch.Tensor, grads, observed: dict[str, torch.Tensor]) -> None:
+        """Backward and Taylor vectors of the rows (image[n], category[n]) from their gradients [n, C, ...]."""
         for t, g in zip(tensors, grads):
             if g is None:
                 continue  # this tensor does not influence the output (e.g. a dead branch)
             m, g = grid_masks[t][image, category], g.flatten(2)                            # [n, P], [n, C, P]
             backward = torch.einsum("np,ncp->nc", m, phi(g))
-            taylor = torch.einsum("np,ncp->nc", m, g * repeated[t].detach().flatten(2)).abs()
+            taylor = torch.einsum("np,ncp->nc", m, g * observed[t]).abs()
             backward_sum[t] += _category_sums(_normalised(backward, "max"), category, k)
             taylor_sum[t] += _category_sums(_normalised(taylor, "max"), category, k)
+
+    # [n, 2] (image, category) rows, image-major; without observed tensors there is nothing to differentiate
+    pairs = torch.nonzero(present) if tensors else torch.zeros((0, 2), dtype=torch.long, device=x.device)
+    rows_per_image = present.sum(1) if tensors else torch.zeros(batch, dtype=torch.long, device=x.device)
+    rank = torch.arange(len(pairs), device=x.device) - (torch.cumsum(rows_per_image, 0) - rows_per_image)[pairs[:, 0]]
+    rounds = _shared_rounds(rows_per_image)
+    if rounds:  # round j: each image's j-th category, through the batch's own graph
+        scores = _class_scores(values[graph.output_names[0]].movedim(class_axis, 1), output_kind, settings.target)
+        for j in range(rounds):
+            image, category = pairs[rank == j].T
+            seeds = torch.zeros_like(scores)
+            seeds[image, category] = masks[image, category]
+            grads = torch.autograd.grad([scores], [values[t] for t in tensors], [seeds], allow_unused=True,
+                                        retain_graph=j + 1 < rounds)
+            if len(image) == batch:  # every image has a j-th row (always so for one image): no copies
+                add_rows(image, category, grads, activations)
+            else:
+                add_rows(image, category, [None if g is None else g[image] for g in grads],
+                         {t: activations[t][image] for t in tensors})
+        del scores, grads
+    del values  # frees the batch's graph before the repeated rows build theirs
+    later = pairs[rank >= rounds]
+    for start in range(0, len(later), settings.batch_size):
+        image, category = later[start:start + settings.batch_size].T
+        repeated = graph.run({graph.input_names[0]: x[image]}, capture=tensors)
+        scores = _class_scores(repeated[graph.output_names[0]].movedim(class_axis, 1), output_kind, settings.target)
+        seeds = torch.zeros_like(scores)                       # d(sum of row n's category scores in its mask)/d scores
+        seeds[torch.arange(len(image), device=x.device), category] = masks[image, category]
+        grads = torch.autograd.grad([scores], [repeated[t] for t in tensors], [seeds], allow_unused=True)
+        add_rows(image, category, grads, {t: activations[t][image] for t in tensors})
 
     def host(sums: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
         return {t: v.cpu().numpy() for t, v in sums.items()}  # one transfer per tensor and batch: no GPU stalls
@@ -322,7 +373,7 @@ def _attribute_pass(graph: TorchGraph, x: torch.Tensor, tensors: list[str], num_
                        present.sum(0).cpu().numpy().astype(np.int64), batch if first else 0, moments, host(taylor_sum),
                        None if counts is None else counts[0], mask_pixels.cpu().numpy().round().astype(np.int64),
                        None if first else fallback.categories)
-    return part, counts
+    return part, counts, share.cpu().numpy()
 
 
 def attribute_batch(graph: TorchGraph, x: torch.Tensor, tensors: list[str], num_classes: int, output_kind: str,
@@ -332,13 +383,16 @@ def attribute_batch(graph: TorchGraph, x: torch.Tensor, tensors: list[str], num_
     `output_kind`: what the graph's output holds (OUTPUT_KINDS). `class_axis` is the output axis that holds the
     classes (1 for [N, K, H, W], 3 for [N, H, W, K] outputs).
 
-    The backward work is one row per (image, category present in it), as in the method: a forward without gradients
-    finds the masks (and gives the forward vectors, means and moments); then the images are repeated once per
-    category they contain and one forward + backward over those rows, seeded with each row's own category mask,
-    gives every row's gradients at every observed tensor at once. One backward per category present over the whole
-    batch would back-propagate zeros through every image that lacks the category: with many classes (ADE20K,
-    Cityscapes) most of the work. Rows go in chunks of `settings.batch_size`, which bounds the memory. Without
-    observed tensors there is no backward at all: only masks, counts and moments."""
+    The backward work is one row per (image, category present in it), as in the method. One forward of the batch,
+    with gradients, finds the masks and gives the forward vectors, means and moments. Its own graph then serves the
+    first backward rounds: round j seeds every image with its j-th category's mask at once (images are independent in
+    a batch), so an image with r categories needs no forward of its own for its first rounds. Rounds stop where too
+    few images have that many categories (`_shared_rounds`: a round back-propagates the whole batch, zeros included);
+    the remaining rows are repeated images, one forward + backward per chunk of `settings.batch_size` rows, seeded
+    with each row's own category mask. One backward per category present over the whole batch would back-propagate
+    zeros through every image that lacks the category: with many classes (ADE20K, Cityscapes) most of the work.
+    Without observed tensors there is no backward at all, and the forward runs without gradients: only masks, counts
+    and moments. The sums equal those of one image and one category at a time up to float rounding."""
     _check_kind(output_kind)
     return _attribute_pass(graph, x, tensors, num_classes, output_kind, settings, consumers, class_axis, None)[0]
 
@@ -369,8 +423,8 @@ def attribute(graph: TorchGraph, inputs: np.ndarray, tensors: list[str], num_cla
 
     Two passes. The first attributes every category with its confident masks and counts, per category, the images
     that contributed and the pixels the model predicts. Categories with no contributing image but predicted pixels
-    then get a second pass with their predicted pixels as masks (module docstring); it costs nothing when every
-    category has confident images. `gather` sums the [4, K] int64 counts over all shards of a distributed run, so
+    then get a second pass with their predicted pixels as masks (module docstring), over only the images where some
+    such category counts (known from the first pass); it costs nothing when every category has confident images. `gather` sums the [4, K] int64 counts over all shards of a distributed run, so
     that every shard takes the same decision (called once, on every shard; None: this is the whole set). `progress`
     reports the first pass. `check`: raise a DisasmError on any non-finite sum (check_finite); a distributed run
     checks after summing the shards instead, so that every shard stops alike. `classes` names the categories in
@@ -382,12 +436,14 @@ def attribute(graph: TorchGraph, inputs: np.ndarray, tensors: list[str], num_cla
         raise DisasmError("no calibration images to attribute")
     total: Attribution | None = None
     predicted = np.zeros((3, num_classes), np.int64)
+    shares = []  # [B, K] per batch: where each category is predicted, so the second pass can skip images
     for start, rows in batches:
         x = torch.from_numpy(inputs[rows]).to(device)
-        part, counts = _attribute_pass(graph, x, tensors, num_classes, output_kind, settings, consumers, class_axis,
-                                       None)
+        part, counts, share = _attribute_pass(graph, x, tensors, num_classes, output_kind, settings, consumers,
+                                              class_axis, None)
         total = part if total is None else total.merge(part)
         predicted += counts
+        shares.append(share)
         if progress:
             progress(min(start + settings.batch_size, len(inputs)), len(inputs))
     counts = np.concatenate([total.images_per_class[None], predicted])
@@ -401,8 +457,11 @@ def attribute(graph: TorchGraph, inputs: np.ndarray, tensors: list[str], num_cla
                           f" the model overflows (check the input preprocessing: --mean, --std, --bgr)")
     plan = _fallback(images_per_class, predicted_pixels, predicted_images, settings.min_mask_fraction)
     if plan is not None:
-        for _, rows in batches:
-            x = torch.from_numpy(inputs[rows]).to(device)
+        # Only the images where a fallback category's predicted share passes its gate have second-pass rows.
+        wanted = np.concatenate([((share >= plan.gate) & (share > 0) & plan.categories).any(1) for share in shares])
+        chosen = np.flatnonzero(wanted)
+        for start in range(0, len(chosen), settings.batch_size):
+            x = torch.from_numpy(inputs[chosen[start:start + settings.batch_size]]).to(device)
             _add_categories(total, _attribute_pass(graph, x, tensors, num_classes, output_kind, settings, consumers,
                                                    class_axis, plan)[0])
         total.fallback = plan.categories.copy()

@@ -73,6 +73,14 @@ def _same_pads(size: int, kernel: int, stride: int, dilation: int, upper: bool) 
 
 def patches(x: torch.Tensor, c: Consumer) -> torch.Tensor:
     """[B * positions, C*k*k + 1] unfolded input patches of one consumer, with a trailing 1 for the bias."""
+    z = _unfolded(x, c)                                                  # [B, C*k*k, P], channel-major like W
+    z = z.transpose(1, 2).reshape(-1, z.shape[1])
+    return torch.cat([z, torch.ones(z.shape[0], 1, dtype=z.dtype, device=z.device)], dim=1)
+
+
+def _unfolded(x: torch.Tensor, c: Consumer) -> torch.Tensor:
+    """[B, C*k*k, positions] input patches of one consumer, channel-major like W (as `patches`, without the bias
+    column and without the transpose). A pointwise consumer (1x1, stride 1, no padding) reads its input as it is."""
     top, left, bottom, right = c.pads
     if c.auto_pad in ("SAME_UPPER", "SAME_LOWER"):
         upper = c.auto_pad == "SAME_UPPER"
@@ -80,19 +88,31 @@ def patches(x: torch.Tensor, c: Consumer) -> torch.Tensor:
         left, right = _same_pads(x.shape[3], c.kernel[1], c.stride[1], c.dilation[1], upper)
     elif c.auto_pad == "VALID":
         top = left = bottom = right = 0
-    x = F.pad(x, (left, right, top, bottom))
-    z = F.unfold(x, c.kernel, dilation=c.dilation, stride=c.stride)      # [B, C*k*k, P], channel-major like W
-    z = z.transpose(1, 2).reshape(-1, z.shape[1])
-    return torch.cat([z, torch.ones(z.shape[0], 1, dtype=z.dtype, device=z.device)], dim=1)
+    if c.kernel == (1, 1) and c.stride == (1, 1) and (top, left, bottom, right) == (0, 0, 0, 0):
+        return x.flatten(2)
+    return F.unfold(F.pad(x, (left, right, top, bottom)), c.kernel, dilation=c.dilation, stride=c.stride)
 
 
 def accumulate(values: dict[str, torch.Tensor], consumers: list[Consumer]) -> dict[int, np.ndarray]:
     """Per consumer node index: the sum of [z;1][z;1]^T over this batch's output pixels (its last diagonal entry is
-    the pixel count)."""
+    the pixel count).
+
+    float64 throughout: these sums run over every pixel of every image, where float32 would lose ~1e-4 already. The
+    input is converted once (before unfolding, so the k*k-times larger patch matrix is written in float64 directly);
+    the [Z 1]^T [Z 1] blocks are Z^T Z (one product over all the batch's positions, written in place), the column sums
+    of Z, and the count: no copy of Z with a column of ones. Equal to summing the outer products of `patches`
+    up to float64 rounding."""
     out = {}
     with torch.no_grad():
         for c in consumers:
-            # float64: these sums run over every pixel of every image, where float32 would lose ~1e-4 already
-            z = patches(values[c.tensor].detach(), c).double()
-            out[c.node] = (z.T @ z).cpu().numpy()
+            z = _unfolded(values[c.tensor].detach().double(), c)                       # [B, F, P]
+            features = z.shape[1]
+            z = z.transpose(0, 1).reshape(features, -1)  # [F, B*P]: one long product (a view for one image)
+            s = torch.empty(features + 1, features + 1, dtype=torch.float64, device=z.device)
+            torch.mm(z, z.T, out=s[:features, :features])
+            sums = z.sum(dim=1)
+            s[:features, features] = sums
+            s[features, :features] = sums
+            s[features, features] = z.shape[1]
+            out[c.node] = s.cpu().numpy()
     return out
