@@ -6,7 +6,7 @@ alpha: each group loses the same *relative* relevance, whatever the cut costs do
 group are still taken best score first, but the number kept is chosen globally:
 
 - loss curve of a group: for every consumer conv that reads it (plain, with input moments), the share of its output
-  energy E||y||^2 that the best least-squares refit from the kept inputs still misses, when the group keeps its top
+  variance E||y - E[y]||^2 that the best least-squares refit from the kept inputs still misses, when the group keeps its top
   k channels (and everything else is kept). With S = E[z z^T] (attribution.moments) reordered so that the always-kept
   entries (bias, other groups' channels) come first and the group's channels follow best first (all kernel taps of a
   channel together), and S = L L^T (Cholesky), the explained energy of a prefix of p entries is the sum of the first p
@@ -18,8 +18,9 @@ group are still taken best score first, but the number kept is chosen globally:
 - greedy: starting from every group whole, repeatedly make the cut (to any multiple of round_to below the current
   count) with the least added loss per MAC saved, until the model is at most `macs_target` of the full MACs.
 
-Groups none of whose consumers has moments (only grouped convs, Gemms, or convs too large for moments read them) have
-no measured loss: they keep the count the threshold rule gives them at `fallback_alpha`.
+Groups read by any consumer without moments (a grouped conv, a Gemm, a MatMul, a conv too large for moments) have no
+measured loss: cutting them can cost anything downstream. They stay whole (or, when asked, keep the count the
+threshold rule gives them at `fallback_alpha`).
 """
 
 from __future__ import annotations
@@ -92,7 +93,12 @@ class LossCurves:
     """Per group: loss[k] for keeping its k best channels (k = 0..size), and whether any consumer measured it."""
 
     loss: dict[int, np.ndarray] = field(default_factory=dict)
-    consumers: dict[int, list[str]] = field(default_factory=dict)
+    consumers: dict[int, list[str]] = field(default_factory=dict)   # consumers whose loss is counted
+    unmeasured: dict[int, list[str]] = field(default_factory=dict)  # consumers without moments (grouped, Gemm, ...)
+
+    def measured(self, group: int) -> bool:
+        """Whether the curve covers every consumer of the group."""
+        return bool(self.consumers.get(group)) and not self.unmeasured.get(group)
 
 
 def loss_curves(model: onnx.ModelProto, analysis: ChannelAnalysis, attribution: Attribution,
@@ -101,8 +107,10 @@ def loss_curves(model: onnx.ModelProto, analysis: ChannelAnalysis, attribution: 
     import onnx_graphsurgeon as gs
 
     graph = gs.import_onnx(model)
-    curves = LossCurves({g: np.zeros(analysis.groups[g].size + 1) for g in groups}, {g: [] for g in groups})
+    curves = LossCurves({g: np.zeros(analysis.groups[g].size + 1) for g in groups}, {g: [] for g in groups},
+                        {g: [] for g in groups})
     wanted = set(groups)
+    counted = set()
     for node_index, moments in sorted(attribution.moments.items()):
         node = graph.nodes[node_index]
         spec = conv_spec(node) if node.op == "Conv" else None
@@ -113,24 +121,35 @@ def loss_curves(model: onnx.ModelProto, analysis: ChannelAnalysis, attribution: 
         taps = int(np.prod(spec.kernel))
         theta = theta_matrix(spec.weight, spec.bias if spec.bias is not None else np.zeros(spec.out_channels))
         energy = float(np.einsum("oi,ij,oj->", theta, s, theta))
-        if energy <= 0:
+        mean = theta @ s[-1]  # E[y]: the loss is a share of the output's variance, not of its energy (which a
+        variance = energy - float(mean @ mean)  # large constant can dominate)
+        if variance <= 1e-12 * energy:
             continue
         offset = 0
         for seg in layout.segments:
             if seg.group in wanted:
                 ranked = order[seg.group]
                 inside = (ranked >= seg.start) & (ranked < seg.stop)
-                missed = _prefix_loss(theta, s, ranked[inside] - seg.start + offset, taps, energy)
+                missed = _prefix_loss(theta, s, ranked[inside] - seg.start + offset, taps, energy, variance)
                 # the group keeps its k best: this segment then holds those of them that lie in it
                 curves.loss[seg.group] += missed[np.concatenate([[0], np.cumsum(inside)])]
                 curves.consumers[seg.group].append(node.name or node.outputs[0].name)
+                counted.add(node_index)
             offset += seg.size
+    for edit in analysis.edits:
+        if edit.kind == "consume" and edit.node not in counted:
+            node = graph.nodes[edit.node]
+            for seg in edit.channels.segments:
+                if seg.group in wanted and (node.name or node.outputs[0].name) not in curves.unmeasured[seg.group]:
+                    curves.unmeasured[seg.group].append(node.name or node.outputs[0].name)
     return curves
 
 
-def _prefix_loss(theta: np.ndarray, s: np.ndarray, channels: np.ndarray, taps: int, energy: float) -> np.ndarray:
-    """[len(channels) + 1]: the share of output energy the best refit misses when only the first j of `channels`
-    (input channel indices, best first) are kept, j = 0..len; every other input entry is kept."""
+def _prefix_loss(theta: np.ndarray, s: np.ndarray, channels: np.ndarray, taps: int, energy: float,
+                 variance: float) -> np.ndarray:
+    """[len(channels) + 1]: the output energy the best refit misses when only the first j of `channels` (input
+    channel indices, best first) are kept, j = 0..len, as a share of the output variance; every other input entry
+    (and the bias, so the mean is always met) is kept."""
     features = s.shape[0] - 1
     own = (channels[:, None] * taps + np.arange(taps)[None, :]).ravel()
     mine = np.zeros(features + 1, bool)
@@ -142,7 +161,7 @@ def _prefix_loss(theta: np.ndarray, s: np.ndarray, channels: np.ndarray, taps: i
     explained = np.sum((theta[:, perm] @ np.linalg.cholesky(sp)) ** 2, axis=0)
     per_channel = explained[len(first):].reshape(len(channels), taps).sum(axis=1)
     cumulative = explained[:len(first)].sum() + np.concatenate([[0.0], np.cumsum(per_channel)])
-    return np.maximum(energy - cumulative, 0.0) / energy
+    return np.maximum(energy - cumulative, 0.0) / variance
 
 
 def allocate(model: onnx.ModelProto, analysis: ChannelAnalysis, attribution: Attribution,
@@ -151,18 +170,19 @@ def allocate(model: onnx.ModelProto, analysis: ChannelAnalysis, attribution: Att
              curves: LossCurves | None = None) -> tuple[dict[int, np.ndarray], list[GroupChoice], LossCurves]:
     """Keep-sets with at most `macs_target` x the full MACs by the greedy of the module docstring, and the
     GroupChoices the report reads. Groups the threshold rule keeps whole stay whole; groups without a measured loss
-    keep what the threshold rule at `fallback_alpha` (default: settings.alpha) keeps. The MAC target may be out of
-    reach (every measured group at round_to channels): the result is then the smallest model the greedy reaches."""
+    stay whole too, or keep what the threshold rule at `fallback_alpha` keeps when it is given. The MAC target may
+    be out of reach (every measured group at round_to channels): the result is then the smallest model the greedy
+    reaches."""
     keep_sets, choices = select_channels(analysis, scores, replace(settings, keep_ratio=1.0), class_keep)
-    fallback = replace(settings, alpha=settings.alpha if fallback_alpha is None else fallback_alpha, keep_ratio=None)
+    fallback = replace(settings, alpha=0.0 if fallback_alpha is None else fallback_alpha, keep_ratio=None)
     threshold_keep, threshold_choices = select_channels(analysis, scores, fallback, class_keep)
     free = [c.group for c in choices if not c.reason]
     order = {g: np.lexsort((np.arange(len(scores[g])), -scores[g])) for g in free}
     if curves is None:
         curves = loss_curves(model, analysis, attribution, order, free)
-    measured = [g for g in free if curves.consumers[g]]
+    measured = [g for g in free if curves.measured(g)]
     for g in free:
-        if g not in measured:
+        if g not in measured and fallback_alpha is not None:
             keep_sets[g] = threshold_keep[g]
     state = _MacState(macs, analysis, keep_sets)
     counts = {g: analysis.groups[g].size for g in measured}
@@ -185,6 +205,9 @@ def allocate(model: onnx.ModelProto, analysis: ChannelAnalysis, attribution: Att
         if best is None:
             break
         _, g, k = best
+        slope = state.saved(g, np.sort(order[g][:k])) / (counts[g] - k)
+        needed = int(np.ceil((current - macs_target * macs.total) / slope / step)) * step  # do not overshoot
+        k = max(k, counts[g] - needed)
         counts[g] = k
         state.set(g, np.sort(order[g][:k]))
         current = macs.macs(analysis, state.keep_sets)
@@ -193,8 +216,10 @@ def allocate(model: onnx.ModelProto, analysis: ChannelAnalysis, attribution: Att
     for c in choices:
         if c.group in counts:
             out.append(GroupChoice(c.group, c.size, counts[c.group], 0, ""))
-        elif c.group in free:
+        elif c.group in free and fallback_alpha is not None:
             out.append(by_group[c.group])
+        elif c.group in free:
+            out.append(replace(c, reason="no measured reconstruction loss (global allocation)"))
         else:
             out.append(c)
     return state.keep_sets, out, curves

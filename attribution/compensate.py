@@ -83,6 +83,21 @@ def cut_consumers(model: onnx.ModelProto, analysis: ChannelAnalysis,
             yield consumer
 
 
+def consumer_at(graph: gs.Graph, index: int, kept: np.ndarray | None = None) -> CutConsumer | None:
+    """The conv or Gemm graph.nodes[index] as a CutConsumer keeping the input channels `kept` (None: all of them),
+    or None for other nodes and ones without constant weights."""
+    node = graph.nodes[index]
+    if node.op in ("Conv", "ConvTranspose"):
+        spec = conv_spec(node)
+        return None if spec is None else _conv_consumer(index, node, np.arange(spec.in_channels) if kept is None else kept)
+    if node.op == "Gemm" and constant_value(node.inputs[1]) is not None:
+        if kept is None:
+            weight = np.asarray(constant_value(node.inputs[1]))
+            kept = np.arange(weight.shape[0] if node.attrs.get("transB", 0) else weight.shape[1])
+        return _gemm_consumer(index, node, kept)
+    return None
+
+
 def _conv_consumer(index: int, node: gs.Node, kept: np.ndarray) -> CutConsumer | None:
     spec = conv_spec(node)
     if spec is None:

@@ -33,11 +33,13 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
+import onnx_graphsurgeon as gs
 import onnxruntime as ort
 import torch
+import torch.nn.functional as F
 from onnx import helper, numpy_helper
 
-from disasm.attribution.compensate import (DEFAULT_RIDGE, CutConsumer, cut_consumers, input_weights, kept_features,
+from disasm.attribution.compensate import (DEFAULT_RIDGE, CutConsumer, consumer_at, cut_consumers, kept_features,
                                            refit_cross, theta_matrix)
 from disasm.attribution.interpreter import TorchGraph
 from disasm.attribution.moments import MAX_FEATURES, Consumer, patches
@@ -45,7 +47,7 @@ from disasm.compiler.channels import ChannelAnalysis
 from disasm.compiler.errors import DisasmError
 from disasm.compiler.prune import masked_reference
 
-PIXEL_CHUNK = 16384  # patch rows multiplied at once (bounds the float64 copies)
+PIXEL_CHUNK = 4096  # patch rows multiplied at once in float32, their products summed in float64
 
 
 @dataclass
@@ -57,10 +59,10 @@ class _Fit:
     level: int = 0
     patch: Consumer | None = None       # plain convs refitted by least squares: the full input's unfolding
     kept_patch: Consumer | None = None  # ... and the kept input's
-    cross: np.ndarray | None = None     # sum z' z^T  (kept x full patch entries, each with the trailing 1)
+    cross: np.ndarray | None = None     # sum z' z^T  (kept x full patch entries)
     kept_moment: np.ndarray | None = None  # sum z' z'^T
-    full_sum: np.ndarray | None = None  # fallbacks: per-channel sums of the full input
-    kept_sum: np.ndarray | None = None  # ... and of the pruned input (all channels; only kept ones are read)
+    full_sum: np.ndarray | None = None  # sum z (fallbacks: per-channel sums of the full input)
+    kept_sum: np.ndarray | None = None  # sum z' (fallbacks: of the pruned input, all channels; kept ones are read)
     count: float = 0.0                  # pixels (rows) summed
 
 
@@ -213,33 +215,55 @@ def _runner(model: onnx.ModelProto, device: str, threads: int | None) -> Callabl
 
 
 def _patches(x: torch.Tensor, c: Consumer) -> torch.Tensor:
-    """moments.patches, without the unfolding for 1x1 convs without padding (most consumers)."""
-    if c.kernel != (1, 1) or any(c.pads) or c.auto_pad not in ("NOTSET", "VALID"):
-        return patches(x, c)
-    x = x[:, :, ::c.stride[0], ::c.stride[1]]
-    z = x.permute(0, 2, 3, 1).reshape(-1, x.shape[1])
-    return torch.cat([z, torch.ones(z.shape[0], 1, dtype=z.dtype, device=z.device)], dim=1)
+    """[B * positions, C*k*k] unfolded input patches, as moments.patches but without its trailing column of ones,
+    and without copies where none are needed (1x1 convs, symmetric padding)."""
+    top, left, bottom, right = c.pads
+    if c.auto_pad in ("SAME_UPPER", "SAME_LOWER"):
+        return patches(x, c)[:, :-1]
+    if c.auto_pad == "VALID":
+        top = left = bottom = right = 0
+    if c.kernel == (1, 1) and not any((top, left, bottom, right)):
+        x = x[:, :, ::c.stride[0], ::c.stride[1]]
+        return x.permute(0, 2, 3, 1).reshape(-1, x.shape[1])
+    if (top, left) == (bottom, right):
+        z = F.unfold(x, c.kernel, dilation=c.dilation, padding=(top, left), stride=c.stride)
+    else:
+        z = F.unfold(F.pad(x, (left, right, top, bottom)), c.kernel, dilation=c.dilation, stride=c.stride)
+    return z.transpose(1, 2).reshape(-1, z.shape[1])
+
+
+def _add(total: np.ndarray | None, value: torch.Tensor) -> np.ndarray:
+    value = value.double().cpu().numpy()
+    return value if total is None else total + value
 
 
 def _accumulate(fit: _Fit, full: torch.Tensor, pruned: torch.Tensor) -> None:
+    """Adds one batch: for a refit, the sums of z' z^T, z' z'^T, z' and z (float32 products of PIXEL_CHUNK rows,
+    summed in float64); for a mean match, the per-channel sums of both inputs."""
     c = fit.consumer
-    kept = torch.as_tensor(c.kept, device=pruned.device)
     if fit.patch is not None:
         z = _patches(full, fit.patch)
-        zk = _patches(pruned.index_select(1, kept), fit.kept_patch)
+        zk = _patches(pruned.index_select(1, torch.as_tensor(c.kept, device=pruned.device)), fit.kept_patch)
         for start in range(0, z.shape[0], PIXEL_CHUNK):
-            a, b = zk[start:start + PIXEL_CHUNK].double(), z[start:start + PIXEL_CHUNK].double()
-            cross, moment = (a.T @ b).cpu().numpy(), (a.T @ a).cpu().numpy()
-            fit.cross = cross if fit.cross is None else fit.cross + cross
-            fit.kept_moment = moment if fit.kept_moment is None else fit.kept_moment + moment
+            a, b = zk[start:start + PIXEL_CHUNK], z[start:start + PIXEL_CHUNK]
+            ones = torch.ones(1, a.shape[0], dtype=a.dtype, device=a.device)
+            fit.cross = _add(fit.cross, a.T @ b)
+            fit.kept_moment = _add(fit.kept_moment, a.T @ a)
+            fit.kept_sum = _add(fit.kept_sum, (ones @ a)[0])  # a matrix product: fast on the strided unfolding
+            fit.full_sum = _add(fit.full_sum, (ones @ b)[0])
         fit.count += float(z.shape[0])
         return
     axes = [a for a in range(full.dim()) if a != 1]
-    rows = float(full.numel() // full.shape[1])
-    fs, ps = full.double().sum(dim=axes).cpu().numpy(), pruned.double().sum(dim=axes).cpu().numpy()
-    fit.full_sum = fs if fit.full_sum is None else fit.full_sum + fs
-    fit.kept_sum = ps if fit.kept_sum is None else fit.kept_sum + ps
-    fit.count += rows
+    fit.full_sum = _add(fit.full_sum, full.sum(dim=axes, dtype=torch.float64))
+    fit.kept_sum = _add(fit.kept_sum, pruned.sum(dim=axes, dtype=torch.float64))
+    fit.count += float(full.numel() // full.shape[1])
+
+
+def _with_ones(moment: np.ndarray, left: np.ndarray, right: np.ndarray, count: float) -> np.ndarray:
+    """E[[u;1][v;1]^T] from sum u v^T, sum u, sum v and the count."""
+    out = np.empty((moment.shape[0] + 1, moment.shape[1] + 1))
+    out[:-1, :-1], out[:-1, -1], out[-1, :-1], out[-1, -1] = moment, left, right, count
+    return out / count
 
 
 def _solve(fit: _Fit, ridge: float) -> dict[int, np.ndarray]:
@@ -255,7 +279,9 @@ def _solve(fit: _Fit, ridge: float) -> dict[int, np.ndarray]:
         theta = theta_matrix(weight, c.bias)
         columns = kept_features(c.kept, taps, features)
         new = theta.copy()
-        new[:, columns] = refit_cross(theta, fit.kept_moment / fit.count, fit.cross / fit.count, columns, ridge)
+        kept_moment = _with_ones(fit.kept_moment, fit.kept_sum, fit.kept_sum, fit.count)
+        cross = _with_ones(fit.cross, fit.kept_sum, fit.full_sum, fit.count)
+        new[:, columns] = refit_cross(theta, kept_moment, cross, columns, ridge)
         return {1: new[:, :features].reshape(weight.shape).astype(weight.dtype),
                 2: new[:, features].astype(weight.dtype)}
     full_mean, kept_mean = fit.full_sum / fit.count, fit.kept_sum / fit.count
@@ -273,10 +299,33 @@ def _masked_value(fit: _Fit, index: int, value: np.ndarray) -> np.ndarray:
     return masked
 
 
+def _downstream(model: onnx.ModelProto, cut: list[CutConsumer]) -> list[CutConsumer]:
+    """Every conv and Gemm (with constant weights) that reads nothing cut but whose input the cuts upstream change:
+    the descendants of the cut consumers."""
+    graph = gs.import_onnx(model)
+    nodes = list(model.graph.node)
+    position = {id(n): i for i, n in enumerate(nodes)}
+    initializers = {t.name for t in model.graph.initializer}
+    inputs = {i.name for i in model.graph.input} | initializers
+    tainted = {nodes[c.node].output[0] for c in cut}
+    done = {c.node for c in cut}
+    found = []
+    for n in _toposorted(nodes, inputs):
+        if not any(i in tainted for i in n.input if i):
+            continue
+        tainted.update(o for o in n.output if o)
+        index = position[id(n)]
+        if index not in done and n.input and n.input[0] in tainted:
+            consumer = consumer_at(graph, index)
+            if consumer is not None:
+                found.append(consumer)
+    return found
+
+
 def sequential_compensation(model: onnx.ModelProto, analysis: ChannelAnalysis, keep_sets: dict[int, np.ndarray],
                             inputs: np.ndarray, ridge: float = DEFAULT_RIDGE, device: str = "cpu",
                             max_features: int = MAX_FEATURES, batch_size: int = 1, threads: int | None = None,
-                            progress: Callable[[int, int], None] | None = None) -> SequentialRefit:
+                            scope: str = "cut", progress: Callable[[int, int], None] | None = None) -> SequentialRefit:
     """New weights and biases (original shapes, keyed by (node index, input index) like lsq_compensation) for every
     consumer that reads cut channels, refitted level by level on the calibration `inputs` ([N, ...] preprocessed
     images, run `batch_size` at a time: 1 for models with a static batch). Plain convs with at most `max_features` patch entries get the least-squares refit; the
@@ -284,6 +333,10 @@ def sequential_compensation(model: onnx.ModelProto, analysis: ChannelAnalysis, k
     consumers = list(cut_consumers(model, analysis, keep_sets))
     if not consumers:
         return SequentialRefit({}, [], 0)
+    if scope == "downstream":
+        consumers += _downstream(model, consumers)
+    elif scope != "cut":
+        raise ValueError(f"scope must be 'cut' or 'downstream', got {scope!r}")
     fits: dict[str, _Fit] = {}
     for c in consumers:
         fit = _Fit(c, model.graph.node[c.node].output[0])

@@ -392,3 +392,30 @@ def test_sequential_refit_matches_means_where_it_cannot_refit_and_surgery_stays_
     onnx.checker.check_model(pruned, full_check=True)
     expected = run(masked_reference(model, analysis, keep_sets, refit.replacements), x[:1])
     np.testing.assert_allclose(run(pruned, x[:1]), expected, atol=1e-4, rtol=1e-4)
+
+
+def test_downstream_scope_also_refits_the_convs_behind_a_cut():
+    """scope='downstream': convs that read nothing cut but whose inputs the cut changed are refitted too (all their
+    inputs kept), which brings the output closer on the calibration images; the surgery applies them exactly."""
+    from disasm.attribution.refit import sequential_compensation
+
+    model = conv_chain(depth=4)
+    analysis = analyse(model)
+    first = analysis.tensors["t0"].segments[0].group
+    keep_sets = {first: np.arange(0, 16, 2)}
+    x = np.random.default_rng(0).normal(size=(12, 3, 16, 16)).astype(np.float32)
+    cut = sequential_compensation(model, analysis, keep_sets, x, batch_size=4)
+    everything = sequential_compensation(model, analysis, keep_sets, x, batch_size=4, scope="downstream")
+    index = {n.name: i for i, n in enumerate(model.graph.node)}
+    assert {k[0] for k in cut.replacements} == {index["conv1"]}
+    assert {k[0] for k in everything.replacements} == {index[n] for n in ("conv1", "conv2", "conv3", "head")}
+    for key, value in cut.replacements.items():
+        np.testing.assert_allclose(everything.replacements[key], value, atol=1e-5)
+    full = run(model, x)
+    errors = {}
+    for name, refit in (("cut", cut), ("downstream", everything)):
+        pruned = prune(model, analysis, keep_sets, replacements=refit.replacements)
+        np.testing.assert_allclose(run(pruned, x[:2]), run(masked_reference(model, analysis, keep_sets, refit.replacements),
+                                                              x[:2]), atol=1e-4, rtol=1e-4)
+        errors[name] = float(np.mean((run(pruned, x) - full) ** 2))
+    assert errors["downstream"] < errors["cut"]
