@@ -87,9 +87,17 @@ def example() -> Example:
     return Example(model, TorchGraph(model.proto), observed_tensors(analyse(model.proto)), images)
 
 
-def test_batched_rows_equal_one_image_one_category_at_a_time(example):
-    settings = AttributionSettings(batch_size=3)  # image batches 3 + 2; gradient rows in chunks of 3
-    ours = example.attribute(example.images, settings)
+BATCHED = AttributionSettings(batch_size=3)  # image batches 3 + 2; gradient rows in chunks of 3
+
+
+@pytest.fixture(scope="module")
+def batched(example):
+    """The five images attributed in batches of three (shared by the tests that only read it)."""
+    return example.attribute(example.images, BATCHED)
+
+
+def test_batched_rows_equal_one_image_one_category_at_a_time(example, batched):
+    settings, ours = BATCHED, batched
     expected, counts, fallback, mask_pixels = reference(example.graph, example.images, example.tensors, settings)
 
     np.testing.assert_array_equal(ours.images_per_class, counts)
@@ -129,11 +137,10 @@ def test_a_set_without_confident_pixels_falls_back_to_the_argmax(example):
         assert result.backward_sum[t][predicted].any() and not result.backward_sum[t][~predicted].any()
 
 
-def test_no_observed_tensors_means_no_backward(example):
-    settings = AttributionSettings(batch_size=3)
+def test_no_observed_tensors_means_no_backward(example, batched):
     consumers = find_consumers(example.model.proto, analyse(example.model.proto))
-    full = example.attribute(example.images, settings)
-    bare = attribute(example.graph, example.images, [], len(example.model.classes), "logits", settings,
+    full = batched
+    bare = attribute(example.graph, example.images, [], len(example.model.classes), "logits", BATCHED,
                      consumers=consumers)
     assert bare.tensors == [] and bare.images == len(example.images) and bare.moments
     np.testing.assert_array_equal(bare.images_per_class, full.images_per_class)
