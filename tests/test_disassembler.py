@@ -13,10 +13,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from disasm.attribution import disassembler
 from disasm.attribution.calibration import attribution_graph, calibrate, observed_tensors
 from disasm.attribution.disassembler import Attribution, AttributionSettings, attribute, attribute_batch
 from disasm.attribution.interpreter import TorchGraph
-from disasm.attribution.moments import find_consumers
+from disasm.attribution.moments import Consumer, accumulate, find_consumers, patches
 from disasm.compiler.channels import analyse
 from disasm.compiler.errors import DisasmError
 from disasm.compiler.images import load_images, preprocess, scan_images
@@ -96,22 +97,71 @@ def batched(example):
     return example.attribute(example.images, BATCHED)
 
 
-def test_batched_rows_equal_one_image_one_category_at_a_time(example, batched):
-    settings, ours = BATCHED, batched
-    expected, counts, fallback, mask_pixels = reference(example.graph, example.images, example.tensors, settings)
+@pytest.fixture(scope="module")
+def expected(example):
+    """The reference sums of the five images (one image and one category at a time)."""
+    return reference(example.graph, example.images, example.tensors, BATCHED)
 
+
+def _check_against_reference(ours: Attribution, expected, tensors: list[str]) -> None:
+    sums, counts, fallback, mask_pixels = expected
     np.testing.assert_array_equal(ours.images_per_class, counts)
     np.testing.assert_array_equal(ours.fallback, fallback)
     np.testing.assert_array_equal(ours.mask_pixels, mask_pixels)
-    assert counts.sum() > len(example.images), "several categories per image, so rows are spread over chunks"
+    assert counts.sum() > 5, "several categories per image, so rows are spread over chunks"
     assert fallback.any() and not fallback.all(), "these five images have categories with and without confidence"
     for kind, ours_sums in (("forward", ours.forward_sum), ("backward", ours.backward_sum),
                             ("taylor", ours.taylor_sum)):
-        for t in example.tensors:
+        for t in tensors:
             present = counts > 0
-            np.testing.assert_allclose(ours_sums[t], expected[kind].get(t, np.zeros_like(ours_sums[t])),
+            np.testing.assert_allclose(ours_sums[t], sums[kind].get(t, np.zeros_like(ours_sums[t])),
                                        rtol=1e-4, atol=1e-5, err_msg=f"{kind} {t}")
             assert np.all(ours_sums[t][~present] == 0)
+
+
+def test_batched_rows_equal_one_image_one_category_at_a_time(example, batched, expected):
+    _check_against_reference(batched, expected, example.tensors)
+
+
+@pytest.mark.parametrize("backward_cost", [0.0, float("inf")], ids=["all-rows-on-the-batch-graph", "all-rows-repeated"])
+def test_rows_give_the_same_sums_on_the_batch_graph_or_repeated(example, expected, backward_cost, monkeypatch):
+    """Every row through the batch's own graph (backward rounds), or every row through repeated images (one forward
+    + backward per chunk of rows), or the mix the cost model picks (the test above): the same sums."""
+    monkeypatch.setattr(disassembler, "BACKWARD_COST", backward_cost)
+    rows = disassembler._shared_rounds(torch.tensor([3, 1, 0]))
+    assert rows == (3 if backward_cost == 0 else 0)
+    _check_against_reference(example.attribute(example.images, BATCHED), expected, example.tensors)
+
+
+def test_shared_rounds_stop_where_too_few_images_have_that_many_rows():
+    # BACKWARD_COST 1.5: a round over a batch of 4 must serve more than 0.6 * 4 = 2.4 images
+    assert disassembler._shared_rounds(torch.tensor([5, 5, 5, 1])) == 5
+    assert disassembler._shared_rounds(torch.tensor([5, 5, 1, 1])) == 1
+    assert disassembler._shared_rounds(torch.tensor([0, 0, 0, 0])) == 0
+    assert disassembler._shared_rounds(torch.tensor([2])) == 2  # one image: every row on its own graph
+
+
+@pytest.mark.parametrize("kernel, stride, dilation, pads, auto_pad", [
+    ((3, 3), (1, 1), (1, 1), (1, 1, 1, 1), "NOTSET"),
+    ((3, 3), (1, 1), (3, 3), (3, 3, 3, 3), "NOTSET"),   # dilated
+    ((3, 3), (1, 1), (6, 6), (6, 6, 6, 6), "NOTSET"),   # dilation past the grid: windows do not overlap
+    ((5, 5), (1, 1), (1, 1), (2, 2, 2, 2), "NOTSET"),
+    ((1, 3), (1, 1), (1, 1), (0, 1, 0, 1), "NOTSET"),   # asymmetric kernels and dilations
+    ((3, 1), (1, 1), (1, 2), (1, 0, 1, 0), "NOTSET"),
+    ((3, 3), (1, 1), (1, 1), (0, 2, 1, 0), "NOTSET"),   # uneven pads
+    ((2, 2), (1, 1), (1, 1), (0, 0, 0, 0), "SAME_LOWER"),
+    ((3, 3), (2, 2), (1, 1), (0, 0, 0, 0), "SAME_UPPER"),  # strided: unfolded
+    ((1, 1), (1, 1), (1, 1), (0, 0, 0, 0), "NOTSET"),   # pointwise: read as it is
+    ((1, 1), (2, 2), (1, 1), (0, 0, 0, 0), "NOTSET"),
+])
+def test_moments_equal_the_summed_outer_products_of_the_patches(kernel, stride, dilation, pads, auto_pad):
+    consumer = Consumer(7, "conv", "t", 5, kernel, stride, dilation, pads, auto_pad)
+    x = torch.randn(3, 5, 9, 8, generator=torch.Generator().manual_seed(0)) * 2 + 0.5
+    z = patches(x, consumer).double()
+    expected = (z.T @ z).numpy()
+    got = accumulate({"t": x}, [consumer])[7]
+    assert got.shape == expected.shape and got[-1, -1] == len(z)
+    np.testing.assert_allclose(got, expected, rtol=1e-12, atol=1e-12 * np.abs(expected).max())
 
 
 def test_a_batch_without_confident_pixels_adds_nothing(example):
