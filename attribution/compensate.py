@@ -28,7 +28,7 @@ original weights.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import onnx
@@ -56,6 +56,8 @@ class CutConsumer:
     bias_shape: tuple[int, ...]
     bias_scale: float = 1.0    # what the node multiplies its bias input by (a Gemm's beta)
     spec: ConvSpec | None = None
+    fixed_bias: bool = False   # it has no bias and its outputs are cut: a bias given to it would not be cut with them,
+    #                            so its bias stays zero (the refit fits no intercept, nothing is folded)
 
     @property
     def plain(self) -> bool:
@@ -80,22 +82,33 @@ def cut_consumers(model: onnx.ModelProto, analysis: ChannelAnalysis,
         consumer = _conv_consumer(edit.node, node, kept) if node.op in ("Conv", "ConvTranspose") else \
             _gemm_consumer(edit.node, node, kept) if node.op == "Gemm" else None
         if consumer is not None:
-            yield consumer
+            yield _with_bias_rule(consumer, node, analysis, keep_sets)
 
 
-def consumer_at(graph: gs.Graph, index: int, kept: np.ndarray | None = None) -> CutConsumer | None:
+def _with_bias_rule(consumer: CutConsumer, node: gs.Node, analysis: ChannelAnalysis,
+                    keep_sets: dict[int, np.ndarray]) -> CutConsumer:
+    out = analysis.tensors.get(node.outputs[0].name)
+    has_bias = len(node.inputs) > 2 and bool(node.inputs[2].name)
+    cut = out is not None and out.kept_indices(keep_sets).size < out.size
+    return replace(consumer, fixed_bias=not has_bias and cut)
+
+
+def consumer_at(graph: gs.Graph, index: int, analysis: ChannelAnalysis, keep_sets: dict[int, np.ndarray],
+                kept: np.ndarray | None = None) -> CutConsumer | None:
     """The conv or Gemm graph.nodes[index] as a CutConsumer keeping the input channels `kept` (None: all of them),
     or None for other nodes and ones without constant weights."""
     node = graph.nodes[index]
+    consumer = None
     if node.op in ("Conv", "ConvTranspose"):
         spec = conv_spec(node)
-        return None if spec is None else _conv_consumer(index, node, np.arange(spec.in_channels) if kept is None else kept)
-    if node.op == "Gemm" and constant_value(node.inputs[1]) is not None:
+        consumer = None if spec is None else \
+            _conv_consumer(index, node, np.arange(spec.in_channels) if kept is None else kept)
+    elif node.op == "Gemm" and constant_value(node.inputs[1]) is not None:
         if kept is None:
             weight = np.asarray(constant_value(node.inputs[1]))
-            kept = np.arange(weight.shape[0] if node.attrs.get("transB", 0) else weight.shape[1])
-        return _gemm_consumer(index, node, kept)
-    return None
+            kept = np.arange(weight.shape[1] if node.attrs.get("transB", 0) else weight.shape[0])  # K of A [M, K]
+        consumer = _gemm_consumer(index, node, kept)
+    return None if consumer is None else _with_bias_rule(consumer, node, analysis, keep_sets)
 
 
 def _conv_consumer(index: int, node: gs.Node, kept: np.ndarray) -> CutConsumer | None:
@@ -154,7 +167,7 @@ def mean_compensation(model: onnx.ModelProto, analysis: ChannelAnalysis, keep_se
     """New biases (original shape) for every conv or Gemm that reads cut channels."""
     replacements = {}
     for consumer in cut_consumers(model, analysis, keep_sets):
-        bias = _mean_bias(consumer, attribution)
+        bias = None if consumer.fixed_bias else _mean_bias(consumer, attribution)
         if bias is not None:
             replacements[(consumer.node, 2)] = bias
     return replacements
@@ -184,11 +197,13 @@ def refit_cross(theta: np.ndarray, kept_moment: np.ndarray, cross: np.ndarray, k
                 ridge: float = DEFAULT_RIDGE) -> np.ndarray:
     """Theta'_K predicting the full consumer's output Theta z from other kept inputs z' (the sequential refit,
     attribution.refit): kept_moment = E[z' z'^T], cross = E[z' z^T], both with the trailing 1 (last row/column);
-    `kept` (ending with the bias column) says which columns of Theta z' stands for. The anchor is the mean match:
+    `kept` (ending with the bias column, unless the bias must stay zero: then z' has no trailing 1) says which columns
+    of Theta z' stands for. The anchor is the mean match:
     the kept columns, with the bias making E[Theta0 z'] = E[Theta z]. Where z' = z[kept] this is `refit`."""
     lam = ridge * float(np.mean(np.diag(kept_moment)))
     anchor = theta[:, kept].copy()
-    anchor[:, -1] += theta @ cross[-1] - theta[:, kept] @ kept_moment[-1]
+    if kept[-1] == theta.shape[1] - 1:  # with an intercept (else the fit keeps the bias at zero: no fold)
+        anchor[:, -1] += theta @ cross[-1] - theta[:, kept] @ kept_moment[-1]
     rhs = theta @ cross.T + lam * anchor
     return np.linalg.solve(kept_moment + lam * np.eye(len(kept)), rhs.T).T
 
@@ -215,7 +230,7 @@ def lsq_compensation(model: onnx.ModelProto, analysis: ChannelAnalysis, keep_set
     for consumer in cut_consumers(model, analysis, keep_sets):
         moments = attribution.moments.get(consumer.node)
         if moments is None or not consumer.plain:
-            bias = _mean_bias(consumer, attribution)
+            bias = None if consumer.fixed_bias else _mean_bias(consumer, attribution)
             if bias is not None:
                 replacements[(consumer.node, 2)] = bias
             fallbacks.append(consumer.name)
@@ -225,11 +240,12 @@ def lsq_compensation(model: onnx.ModelProto, analysis: ChannelAnalysis, keep_set
         taps = int(np.prod(consumer.spec.kernel))
         features = weight.shape[1] * taps
         theta = theta_matrix(weight, consumer.bias)
-        columns = kept_features(consumer.kept, taps, features)
+        columns = kept_features(consumer.kept, taps, features)[:-1 if consumer.fixed_bias else None]
         new = theta.copy()
         new[:, columns] = refit(theta, second_moment, columns, ridge)
         replacements[(consumer.node, 1)] = new[:, :features].reshape(weight.shape).astype(weight.dtype)
-        replacements[(consumer.node, 2)] = new[:, features].astype(weight.dtype)
+        if not consumer.fixed_bias:
+            replacements[(consumer.node, 2)] = new[:, features].astype(weight.dtype)
     return replacements, fallbacks
 
 

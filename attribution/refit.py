@@ -281,9 +281,13 @@ def _solve(fit: _Fit, ridge: float) -> dict[int, np.ndarray]:
         new = theta.copy()
         kept_moment = _with_ones(fit.kept_moment, fit.kept_sum, fit.kept_sum, fit.count)
         cross = _with_ones(fit.cross, fit.kept_sum, fit.full_sum, fit.count)
+        if c.fixed_bias:  # no intercept: drop the trailing 1 of z'
+            columns, kept_moment, cross = columns[:-1], kept_moment[:-1, :-1], cross[:-1]
         new[:, columns] = refit_cross(theta, kept_moment, cross, columns, ridge)
-        return {1: new[:, :features].reshape(weight.shape).astype(weight.dtype),
-                2: new[:, features].astype(weight.dtype)}
+        out = {1: new[:, :features].reshape(weight.shape).astype(weight.dtype)}
+        return out if c.fixed_bias else out | {2: new[:, features].astype(weight.dtype)}
+    if c.fixed_bias:
+        return {}
     full_mean, kept_mean = fit.full_sum / fit.count, fit.kept_sum / fit.count
     delta = c.weights @ full_mean - c.weights[:, c.kept] @ kept_mean[c.kept]
     bias = (c.bias + delta) / c.bias_scale
@@ -299,7 +303,8 @@ def _masked_value(fit: _Fit, index: int, value: np.ndarray) -> np.ndarray:
     return masked
 
 
-def _downstream(model: onnx.ModelProto, cut: list[CutConsumer]) -> list[CutConsumer]:
+def _downstream(model: onnx.ModelProto, analysis: ChannelAnalysis, keep_sets: dict[int, np.ndarray],
+                cut: list[CutConsumer]) -> list[CutConsumer]:
     """Every conv and Gemm (with constant weights) that reads nothing cut but whose input the cuts upstream change:
     the descendants of the cut consumers."""
     graph = gs.import_onnx(model)
@@ -316,7 +321,7 @@ def _downstream(model: onnx.ModelProto, cut: list[CutConsumer]) -> list[CutConsu
         tainted.update(o for o in n.output if o)
         index = position[id(n)]
         if index not in done and n.input and n.input[0] in tainted:
-            consumer = consumer_at(graph, index)
+            consumer = consumer_at(graph, index, analysis, keep_sets)
             if consumer is not None:
                 found.append(consumer)
     return found
@@ -334,7 +339,7 @@ def sequential_compensation(model: onnx.ModelProto, analysis: ChannelAnalysis, k
     if not consumers:
         return SequentialRefit({}, [], 0)
     if scope == "downstream":
-        consumers += _downstream(model, consumers)
+        consumers += _downstream(model, analysis, keep_sets, consumers)
     elif scope != "cut":
         raise ValueError(f"scope must be 'cut' or 'downstream', got {scope!r}")
     fits: dict[str, _Fit] = {}

@@ -291,15 +291,17 @@ def test_gemm_and_grouped_consumers_are_compensated_only_where_the_math_holds():
 # Sequential least squares (attribution.refit): consumers refitted in depth order on the pruned network's inputs
 # ---------------------------------------------------------------------------------------------------------------------
 
-def conv_chain(depth: int = 5, width: int = 16, seed: int = 0) -> onnx.ModelProto:
+def conv_chain(depth: int = 5, width: int = 16, seed: int = 0, bias: bool = True) -> onnx.ModelProto:
     """x -> depth x (Conv 3x3 width->width, Relu) -> Conv 1x1 (width->4): every hidden group is cut, so each refit
-    sits behind the previous one."""
+    sits behind the previous one. Without `bias` the hidden convs have none (as before an unfolded BatchNorm)."""
     rng = np.random.default_rng(seed)
     consts, nodes, previous, cin = [], [], "x", 3
     for i in range(depth):
-        consts += [numpy_helper.from_array((rng.normal(size=(width, cin, 3, 3)) / np.sqrt(cin * 9)).astype(np.float32), f"w{i}"),
-                   numpy_helper.from_array(rng.normal(size=width).astype(np.float32) * 0.1, f"b{i}")]
-        nodes += [helper.make_node("Conv", [previous, f"w{i}", f"b{i}"], [f"a{i}"], name=f"conv{i}", pads=[1, 1, 1, 1]),
+        consts.append(numpy_helper.from_array((rng.normal(size=(width, cin, 3, 3)) / np.sqrt(cin * 9)).astype(np.float32), f"w{i}"))
+        if bias:
+            consts.append(numpy_helper.from_array(rng.normal(size=width).astype(np.float32) * 0.1, f"b{i}"))
+        nodes += [helper.make_node("Conv", [previous, f"w{i}"] + ([f"b{i}"] if bias else []), [f"a{i}"], name=f"conv{i}",
+                                   pads=[1, 1, 1, 1]),
                   helper.make_node("Relu", [f"a{i}"], [f"t{i}"], name=f"relu{i}")]
         previous, cin = f"t{i}", width
     consts.append(numpy_helper.from_array(rng.normal(size=(4, width, 1, 1)).astype(np.float32), "wh"))
@@ -419,3 +421,29 @@ def test_downstream_scope_also_refits_the_convs_behind_a_cut():
                                                               x[:2]), atol=1e-4, rtol=1e-4)
         errors[name] = float(np.mean((run(pruned, x) - full) ** 2))
     assert errors["downstream"] < errors["cut"]
+
+
+def test_consumers_without_bias_whose_outputs_are_cut_get_no_bias():
+    """A bias added to a conv that has none would not be cut with its outputs: such consumers are refitted without
+    an intercept (lsq, sequential) and get no fold (mean), and every pruned model runs and equals its reference."""
+    from disasm.attribution.refit import sequential_compensation
+
+    model = conv_chain(depth=3, bias=False)
+    analysis = analyse(model)
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(8, 3, 16, 16)).astype(np.float32)
+    keep_sets = {g.id: np.sort(rng.choice(g.size, g.size // 2, replace=False))
+                 for g in analysis.groups if g.prunable and g.id != analysis.class_group}
+    index = {n.name: i for i, n in enumerate(model.graph.node)}
+    attribution = moments_of(model, analysis, x)
+    lsq, _ = lsq_compensation(model, analysis, keep_sets, attribution)
+    sequential = sequential_compensation(model, analysis, keep_sets, x, batch_size=4).replacements
+    mean = mean_compensation(model, analysis, keep_sets, attribution)
+    for replacements in (lsq, sequential):
+        assert (index["conv1"], 1) in replacements and (index["conv1"], 2) not in replacements
+        assert (index["head"], 2) in replacements  # the head's outputs are not cut: it may get a bias
+    assert (index["conv1"], 2) not in mean and (index["head"], 2) in mean
+    for replacements in (lsq, sequential, mean):
+        pruned = prune(model, analysis, keep_sets, replacements=replacements)
+        np.testing.assert_allclose(run(pruned, x[:2]), run(masked_reference(model, analysis, keep_sets, replacements),
+                                                           x[:2]), atol=1e-4, rtol=1e-4)
