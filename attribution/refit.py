@@ -17,12 +17,16 @@ the same way (b' = b + W E[x] - W_K E[x'_K], W summed over taps): the sequential
 Bookkeeping. The pruned network is the masked reference (compiler.prune.masked_reference: removed channels zeroed at
 every consumer; the surgery is tested to equal it), whose tensors keep their names and full channel counts; the kept
 channels of a consumer's input are read from it. A consumer's level is 1 + the largest level of the cut consumers
-upstream of it (1: none). Every node gets the stage of the deepest cut consumer upstream of it (or its own level), which
-orders the graph topologically; stage s is run as one ONNX sub-graph through attribution.interpreter.TorchGraph, for
-the full and the pruned network, a batch of calibration images at a time (one for a static batch), keeping only the tensors
-later stages read. Before stage s runs, the consumers of level s are refitted from the moments of their inputs, and
-their new weights go into the pruned network. So the full and the pruned network each run once over the calibration
-images, up to the deepest consumer. Moments are accumulated in float64; the result is deterministic.
+upstream of it (1: none). Every node gets the stage of the deepest cut consumer upstream of it (or its own level),
+which orders the graph topologically; stage s is run as one ONNX sub-graph (ONNX Runtime on the CPU, where it is
+several times faster than attribution.interpreter.TorchGraph, which runs it on other devices), for the full and the
+pruned network, a batch of calibration images at a time (one for a static batch), keeping only the tensors later
+stages read. Before stage s runs, the consumers of level s are refitted from the moments of their inputs, and their
+new weights go into the pruned network. So the full and the pruned network each run once over the calibration
+images, up to the deepest consumer. Products of patches are summed in float64; the result is deterministic.
+
+scope='downstream' also refits every conv behind a cut that reads nothing cut (all its inputs kept): its inputs
+changed too. Measured in benchmarks/results/frontier.md, it is not the default.
 """
 
 from __future__ import annotations
@@ -102,14 +106,15 @@ def _toposorted(nodes: list[onnx.NodeProto], available: set[str]) -> list[onnx.N
 
 
 class _Network:
-    """A graph split into stages (see the module docstring) and run stage by stage, per image."""
+    """A graph split into stages (see the module docstring), built stage by stage as ONNX sub-graphs."""
 
     def __init__(self, proto: onnx.ModelProto, fits: dict[str, _Fit]):
         graph = proto.graph
         self.proto = proto
         self.initializers = {t.name: t for t in graph.initializer}
         self.input_names = [i.name for i in graph.input if i.name not in self.initializers]
-        if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for n in graph.node for a in n.attribute):
+        if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
+               for n in graph.node for a in n.attribute):
             raise DisasmError("sequential refit: graphs with sub-graphs (If/Loop/Scan) are not supported")
         self.nodes = _toposorted(list(graph.node), set(self.input_names) | set(self.initializers))
         by_output = {o: n for n in self.nodes for o in n.output if o}
@@ -152,7 +157,8 @@ class _Network:
                 inputs[index] = name
         return inputs
 
-    def stage_graph(self, s: int, later_reads: set[str], env: dict[str, torch.Tensor]) -> tuple[onnx.ModelProto | None, list[str]]:
+    def stage_graph(self, s: int, later_reads: set[str],
+                    env: dict[str, torch.Tensor]) -> tuple[onnx.ModelProto | None, list[str]]:
         """Stage s as an ONNX model: its inputs are what earlier stages (or the image) computed, typed like their
         values in `env`; its outputs what later stages read."""
         nodes = [n for n in self.nodes if self.stage[id(n)] == s and id(n) in self.needed]
@@ -333,8 +339,10 @@ def sequential_compensation(model: onnx.ModelProto, analysis: ChannelAnalysis, k
                             scope: str = "cut", progress: Callable[[int, int], None] | None = None) -> SequentialRefit:
     """New weights and biases (original shapes, keyed by (node index, input index) like lsq_compensation) for every
     consumer that reads cut channels, refitted level by level on the calibration `inputs` ([N, ...] preprocessed
-    images, run `batch_size` at a time: 1 for models with a static batch). Plain convs with at most `max_features` patch entries get the least-squares refit; the
-    others the mean-matching bias (named in `fallbacks`), or nothing where they have no bias to adjust."""
+    images, run `batch_size` at a time: 1 for models with a static batch). Plain convs with at most `max_features`
+    patch entries get the least-squares refit; the others the mean-matching bias (named in `fallbacks`), or nothing
+    where they have no bias to adjust. scope: 'cut' (the consumers of cut channels) or 'downstream' (also every conv
+    and Gemm behind them)."""
     consumers = list(cut_consumers(model, analysis, keep_sets))
     if not consumers:
         return SequentialRefit({}, [], 0)
