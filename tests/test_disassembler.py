@@ -380,3 +380,17 @@ def test_sinet_has_no_observed_tensors_and_still_attributes():
     assert result.images == 2 and result.images_per_class.sum() > 0
     if not observed_tensors(analysis):  # today's channel analysis blocks every group of SINet
         assert result.tensors == []
+
+
+def test_subnormal_weights_are_set_to_zero_when_the_graph_is_built():
+    """Subnormal weights (dead channels of trained models) take a slow CPU path in every multiplication; the
+    interpreter sets them to 0, which changes no output beyond float32 resolution."""
+    w1 = np.array([[1.0, 1e-40, 0.5], [2e-39, 0.0, -1e-41], [0.25, 1.0, 1.0]], np.float32)
+    proto = tiny_model(w1, np.zeros(3), np.eye(3), np.zeros(3))
+    graph = TorchGraph(proto)
+    weights = graph._constants["w1"][..., 0, 0].numpy()
+    np.testing.assert_array_equal(weights, np.where(np.abs(w1) < np.finfo(np.float32).tiny, 0, w1))
+    assert weights[0, 0] == 1.0 and weights[2, 2] == 1.0
+    x = torch.rand(1, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    expected = torch.relu(torch.einsum("oc,nchw->nohw", torch.from_numpy(w1), x))
+    torch.testing.assert_close(graph.run({"x": x})["y"], expected, rtol=1e-6, atol=1e-30)
