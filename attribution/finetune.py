@@ -10,25 +10,34 @@ images so that its answers match the full model's, without labels:
   probability of each output channel's sources summed. For sigmoid models it is the teacher's probability of each
   chosen class.
 - What the student is trained on: the logits *before* the output head. Where the pruned model ends in the head of
-  compiler.outputs (a Gather of the chosen scores, a Gather + ReduceMax of the others, a Concat), the student's
-  scores are the head's input, every class of the full model (its final Softmax/Sigmoid also made an Identity), and
-  its chosen-or-none distribution is formed exactly like the teacher's: log-probability of channel c =
-  logsumexp(scores[sources[c]]) - logsumexp(scores[all sources]). The head's max is not differentiable in a useful
-  way (one class gets every gradient) and a softmax over [chosen, max of the others] is not a distribution the
-  teacher has; the logsumexp is the max's smooth upper bound, and the answer the written model gives (the max) is
-  the argmax of the trained classes. Where the class conv was sliced (no head), the output channels are the classes.
-- Loss: KL(teacher || student) per pixel, averaged over pixels (softmax models); binary cross-entropy against the
-  teacher's probabilities minus the teacher's entropy, i.e. the per-class Bernoulli KL (sigmoid models). No feature
-  maps are matched: the pruned feature maps hold a subset of the full model's channels, whose identity the pruned
-  ONNX no longer records.
+  compiler.outputs (pieces of the class conv's output, each a Gather, a Split output or the whole, some folded by a
+  ReduceMax, then a Concat; read from the graph, so the class conv's rows may be in any order), the student's scores
+  are the head's input, every class of the full model (its final Softmax/Sigmoid also made an Identity), and its
+  chosen-or-none distribution is formed like the teacher's: log-probability of channel c =
+  logsumexp(scores[rows of c]) - logsumexp(scores[rows of every channel]). The head's max passes the gradient to
+  one class only and a softmax over [chosen, max of the others] is not a distribution the teacher has; logsumexp is
+  the max's smooth upper bound, and the written model's answer (the max) is the argmax of the trained classes.
+  Where the class conv was sliced (no head), the output channels are the classes.
+- Loss: KL(teacher || student) per pixel, averaged over pixels (softmax models); the per-class Bernoulli KL
+  (sigmoid models). Measured on SINet at 0.97x MACs (5 calibration images) against a temperature of 4, the squared
+  difference of centred logits, cross-entropy with the teacher's argmax and KL + that cross-entropy: none judged
+  better than the plain KL. No feature maps are matched: the pruned feature maps hold a subset of the full model's
+  channels, whose identity the pruned ONNX no longer records.
 - Parameters: every float initializer read only where an op takes learnable values: Conv/ConvTranspose/Gemm weights
   and biases, BatchNormalization/InstanceNormalization/LayerNormalization/GroupNormalization scale and bias, PRelu
   slopes, and non-scalar constants of Add/Sub/Mul/MatMul (per-channel scales and shifts). Scalars of elementwise
   ops (hard-swish's 3 and 1/6, pre-processing), normalisation statistics, Clip bounds, Resize scales and shapes stay.
-- Optimiser: Adam over the calibration images, `batch_size` images per step (gradients accumulated image by image
-  where the model has a static batch of 1), the image order of each epoch a permutation drawn from `seed`.
+- Optimiser: Adam, with each tensor's learning rate `lr` times the tensor's RMS. Exported graphs hold weights of
+  every scale (folded BatchNorm, pre-processing folded into the first conv) and Adam steps every element by about
+  its learning rate, so one absolute rate is too large for some tensors and too small for others: on SINet an
+  absolute 1e-3 (and 1e-2) broke the model in the first steps, and a relative 1e-3 still did; a relative 3e-4 (the
+  default) raised fidelity on every corpus model tried, 1e-3 was faster on one and unstable on another.
+  `batch_size` images per step (default 1: calibration sets are small), gradients accumulated image by image where
+  the model has a static batch of 1, the image order of each epoch a permutation drawn from `seed`.
   Deterministic: the same seed, inputs and device give the same bytes (torch's deterministic algorithms are switched
   on for the run and restored afterwards; torch's global random state is not touched).
+- The teacher's targets (TeacherTargets) depend only on the full model, the images and the output plan: a budget
+  search computes them once and passes them to each trial's `finetune`.
 
 The trained values are written into a copy of the pruned ONNX model: same graph, same names, each initializer in its
 own element type, so ONNX Runtime on the written model reproduces the trained torch outputs (float32 weights round
@@ -54,7 +63,7 @@ from onnx import helper, numpy_helper
 from disasm.attribution.interpreter import TorchGraph
 from disasm.compiler.errors import DisasmError
 
-LR = 1e-4
+LR = 3e-4
 BATCH_SIZE = 1
 OUTPUT_KINDS = ("logits", "probs", "sigmoid")
 
@@ -90,6 +99,36 @@ def trainable_initializers(model: onnx.ModelProto) -> list[str]:
     return [t.name for t in graph.initializer if t.name in good and t.name not in bad]
 
 
+class TeacherTargets:
+    """What the full model answers on the calibration images, per image: the log-probabilities of the
+    chosen-or-none channels (softmax models) or the logits of the chosen classes (sigmoid models), [pixels, channels],
+    on the CPU. Computed once per compile: every budget trial trains against the same targets.
+
+    Args: as `finetune`'s; `batch_size` images run at once (one where the model has a static batch of 1).
+    """
+
+    def __init__(self, full: onnx.ModelProto, inputs: np.ndarray, plan_sources: Sequence[Sequence[int]],
+                 output_kind: str, class_axis: int, device: str = "cpu", batch_size: int = BATCH_SIZE):
+        _check_kind(output_kind)
+        if len(inputs) == 0:
+            raise DisasmError("finetune: no calibration images")
+        self.sources = tuple(tuple(int(k) for k in s) for s in plan_sources)
+        self.kind, self.class_axis, self.count = output_kind, class_axis, len(inputs)
+        proto, scores, logits = _scores_graph(full, output_kind)
+        graph = TorchGraph(_with_output(proto, scores), device=device)
+        name = _single_input(graph, "full")
+        step = 1 if _static_batch(full) else max(1, batch_size)
+        self.per_image: list[torch.Tensor] = []
+        with torch.no_grad():
+            for first in range(0, len(inputs), step):
+                x = torch.from_numpy(np.ascontiguousarray(inputs[first:first + step]))
+                out = graph.run({name: x})[graph.output_names[0]].float()
+                for one in out.split(1):
+                    values = _classes_last(one, class_axis)
+                    values = values if logits else _as_logits(values, output_kind)
+                    self.per_image.append(_grouped(values, self.sources, output_kind).cpu())
+
+
 class Finetuner:
     """The training state behind `finetune`: the student's parameters, the teacher's targets, Adam.
 
@@ -100,115 +139,82 @@ class Finetuner:
 
     def __init__(self, pruned: onnx.ModelProto, full: onnx.ModelProto, inputs: np.ndarray,
                  plan_sources: Sequence[Sequence[int]], output_kind: str, class_axis: int, seed: int = 0,
-                 device: str = "cpu", lr: float = LR, batch_size: int = BATCH_SIZE):
-        if output_kind not in OUTPUT_KINDS:
-            raise DisasmError(f"finetune: output kind {output_kind!r}; expected one of {', '.join(OUTPUT_KINDS)}")
-        if len(inputs) == 0:
-            raise DisasmError("finetune: no calibration images")
+                 device: str = "cpu", lr: float = LR, batch_size: int = BATCH_SIZE,
+                 teacher: TeacherTargets | None = None):
+        _check_kind(output_kind)
         if batch_size < 1 or not lr > 0:
             raise DisasmError(f"finetune: batch size must be >= 1 and the learning rate > 0, got {batch_size}, {lr}")
         self.pruned = pruned
         self.inputs = np.ascontiguousarray(inputs)
-        self.sources = [tuple(int(k) for k in s) for s in plan_sources]
-        self.kind = output_kind
-        self.class_axis = class_axis
         self.device = torch.device(device)
-        self.batch_size = batch_size
+        self.teacher = teacher or TeacherTargets(full, inputs, plan_sources, output_kind, class_axis, device,
+                                                 batch_size)
+        sources = tuple(tuple(int(k) for k in s) for s in plan_sources)
+        if (self.teacher.sources, self.teacher.kind, self.teacher.class_axis, self.teacher.count) != (
+                sources, output_kind, class_axis, len(inputs)):
+            raise DisasmError("finetune: the teacher's targets were computed for other images or another output")
+        self.kind, self.class_axis, self.batch_size = output_kind, class_axis, batch_size
         self.epochs_done = 0
         self._order = np.random.default_rng(seed)
         self.trainable = trainable_initializers(pruned)
         if not self.trainable:
             raise DisasmError("finetune: the pruned model has no float weights to train")
-
-        teacher_proto, teacher_scores, teacher_logits = _scores_graph(full, output_kind)
-        student_proto, student_scores, student_logits = _scores_graph(pruned, output_kind)
         self._head = _head(pruned)
-        self._groups: list[tuple[int, ...]] | None = None  # per output channel, its channels of the student's scores
-        self._student_logits = student_logits
-        teacher = TorchGraph(_with_output(teacher_proto, teacher_scores), device=self.device)
-        self.student = TorchGraph(_with_output(student_proto, student_scores), device=self.device)
-        self.parameters = _make_trainable(self.student, self.trainable)
-        self._plain: TorchGraph | None = None
-        self.micro = 1 if _static_batch(pruned) or _static_batch(full) else batch_size
+        proto, scores, self._student_logits = _scores_graph(pruned, output_kind)
+        self.student = TorchGraph(_with_output(proto, scores), device=self.device)
         self.input_name = _single_input(self.student, "pruned")
-        self._teacher_input = _single_input(teacher, "full")
-        with torch.no_grad():
-            self.targets = [self._target(teacher, i, teacher_logits) for i in range(0, len(inputs), self.micro)]
-        del teacher
-        self.optimizer = torch.optim.Adam(self.parameters.values(), lr=lr)
-
-    # -- targets and loss ------------------------------------------------------------------------------------------
-
-    def _classes_last(self, scores: torch.Tensor) -> torch.Tensor:
-        return scores.movedim(self.class_axis, -1).reshape(-1, scores.shape[self.class_axis])
-
-    def _target(self, teacher: TorchGraph, start: int, logits: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        """The teacher's target per pixel for inputs[start:start + micro] ([P, channels], on the CPU) and its
-        entropy summed over the pixels (so the reported loss is a KL, 0 at a perfect match)."""
-        x = torch.from_numpy(self.inputs[start:start + self.micro])
-        scores = self._classes_last(teacher.run({self._teacher_input: x})[teacher.output_names[0]].float())
-        scores = scores if logits else _as_logits(scores, self.kind)
-        if self.kind == "sigmoid":
-            target = torch.sigmoid(scores[:, [s[0] for s in self.sources]])
-            entropy = -(torch.special.xlogy(target, target) + torch.special.xlogy(1 - target, 1 - target)).sum()
-        else:
-            target = torch.exp(_grouped_log_probs(scores, self.sources))
-            entropy = -torch.special.xlogy(target, target).sum()
-        return target.cpu(), entropy.cpu()
-
-    def _loss(self, start: int) -> tuple[torch.Tensor, int]:
-        """Loss summed over the pixels of inputs[start:start + micro], and their count."""
-        x = torch.from_numpy(self.inputs[start:start + self.micro])
-        target, entropy = (t.to(self.device) for t in self.targets[start // self.micro])
-        scores = self._classes_last(self.student.run({self.input_name: x})[self.student.output_names[0]])
-        scores = scores if self._student_logits else _as_logits(scores, self.kind)
-        groups = self._student_groups(scores.shape[1])
-        if self.kind == "sigmoid":
-            loss = F.binary_cross_entropy_with_logits(scores[:, [g[0] for g in groups]], target, reduction="sum")
-        else:
-            loss = -(target * _grouped_log_probs(scores, groups)).sum()
-        return loss - entropy, len(target)
-
-    def _student_groups(self, channels: int) -> list[tuple[int, ...]]:
-        if self._groups is None:
-            groups = self._head.groups(channels)
-            if len(groups) != len(self.sources) or max(max(g) for g in groups) >= channels:
-                raise DisasmError(f"finetune: the pruned output has {len(groups)} channels made from {channels} "
-                                  f"scores, but the output plan lists {len(self.sources)} channels")
-            self._groups = groups
-        return self._groups
+        self.parameters = _make_trainable(self.student, self.trainable)
+        self.optimizer = torch.optim.Adam(_scaled_groups(self.parameters, lr))
+        self.micro = 1 if _static_batch(pruned) else batch_size  # images per forward pass
+        self._groups: list[tuple[int, ...]] | None = None  # per output channel, its channels of the student's scores
+        self._plain: TorchGraph | None = None
 
     # -- training --------------------------------------------------------------------------------------------------
 
     def train_epoch(self) -> float:
-        """One pass over the images in a seeded order; returns the mean loss per pixel (a KL divergence)."""
-        order = self._order.permutation(len(self.targets))  # micro-batches, in a seeded order
-        per_step = max(1, self.batch_size // self.micro)
+        """One pass over the images in a seeded order, `batch_size` per Adam step; returns the mean loss per pixel
+        (a KL divergence: 0 where the student answers the teacher's distribution)."""
+        order = self._order.permutation(len(self.inputs))
         total, pixels = 0.0, 0
         with _deterministic():
-            for first in range(0, len(order), per_step):
-                chunk = order[first:first + per_step]
+            for first in range(0, len(order), self.batch_size):
+                batch = order[first:first + self.batch_size]
                 self.optimizer.zero_grad(set_to_none=True)
-                losses = []
-                for index in chunk:
-                    loss, count = self._loss(int(index) * self.micro)
-                    (loss / (count * len(chunk))).backward()
-                    losses.append((loss.item(), count))
-                if first == 0 and self.epochs_done == 0:
+                for micro in range(0, len(batch), self.micro):
+                    loss, count = self._loss(batch[micro:micro + self.micro])
+                    (loss / (count * len(batch) / len(batch[micro:micro + self.micro]))).backward()
+                    total, pixels = total + loss.item(), pixels + count
+                if self.epochs_done == 0 and first == 0:
                     self._check_gradients()
                 self.optimizer.step()
-                total += sum(v for v, _ in losses)
-                pixels += sum(c for _, c in losses)
         self.epochs_done += 1
         return total / pixels
 
+    def _loss(self, images: np.ndarray) -> tuple[torch.Tensor, int]:
+        """The divergence summed over the pixels of these images, and their count."""
+        x = torch.from_numpy(self.inputs[np.sort(images)])
+        target = torch.cat([self.teacher.per_image[i] for i in np.sort(images)]).to(self.device)
+        scores = _classes_last(self.student.run({self.input_name: x})[self.student.output_names[0]], self.class_axis)
+        scores = scores if self._student_logits else _as_logits(scores, self.kind)
+        student = _grouped(scores, self._student_groups(scores.shape[1]), self.kind)
+        return _divergence(student, target, self.kind), len(target)
+
+    def _student_groups(self, channels: int) -> list[tuple[int, ...]]:
+        if self._groups is None:
+            groups = self._head.groups(channels)
+            if len(groups) != len(self.teacher.sources) or max(max(g) for g in groups) >= channels:
+                raise DisasmError(f"finetune: the pruned output has {len(groups)} channels made from {channels} "
+                                  f"scores, but the output plan lists {len(self.teacher.sources)} channels")
+            self._groups = groups
+        return self._groups
+
     def _check_gradients(self) -> None:
-        """Every parameter must reach the loss: one that does not was copied or folded by the interpreter, and
-        training it would silently do nothing."""
-        dead = [name for name, p in self.parameters.items() if p.grad is None]
-        if dead:
-            raise DisasmError(f"finetune: no gradient reaches {dead[:5]}{' ...' if len(dead) > 5 else ''}: the "
-                              "interpreter does not read these initializers from its constants at run time")
+        """Some parameter must reach the loss: if none does, the interpreter no longer reads its initializers from
+        the constants finetuning replaced, and training would silently change nothing. (A single parameter without
+        gradient is possible: one behind a comparison or an ArgMax; it stays as it is.)"""
+        if all(p.grad is None for p in self.parameters.values()):
+            raise DisasmError("finetune: no gradient reaches any weight: the interpreter does not read the "
+                              "initializers from its constants at run time")
 
     # -- results ---------------------------------------------------------------------------------------------------
 
@@ -222,6 +228,16 @@ class Finetuner:
             out = self._plain.run({self.input_name: torch.from_numpy(np.ascontiguousarray(x))})
         return out[self._plain.output_names[0]].cpu().numpy()
 
+    def round_to_onnx_types(self) -> None:
+        """Rounds each parameter to its initializer's element type (float16, bfloat16), so that torch computes with
+        the weights the written model holds."""
+        types = {t.name: t.data_type for t in self.pruned.graph.initializer}
+        low = {onnx.TensorProto.FLOAT16: torch.float16, onnx.TensorProto.BFLOAT16: torch.bfloat16}
+        with torch.no_grad():
+            for name, parameter in self.parameters.items():
+                if types[name] in low:
+                    parameter.copy_(parameter.to(low[types[name]]).to(parameter.dtype))
+
     def to_onnx(self) -> onnx.ModelProto:
         """A copy of the pruned model with the trained weights, each initializer in its own element type."""
         model = onnx.ModelProto()
@@ -234,22 +250,12 @@ class Finetuner:
             tensor.CopyFrom(numpy_helper.from_array(value.reshape(tuple(tensor.dims)), tensor.name))
         return model
 
-    def round_to_onnx_types(self) -> None:
-        """Rounds each parameter to its initializer's element type (float16, bfloat16), so that torch computes with
-        the weights the written model holds."""
-        types = {t.name: t.data_type for t in self.pruned.graph.initializer}
-        with torch.no_grad():
-            for name, parameter in self.parameters.items():
-                dtype = {onnx.TensorProto.FLOAT16: torch.float16, onnx.TensorProto.BFLOAT16: torch.bfloat16}.get(
-                    types[name])
-                if dtype is not None:
-                    parameter.copy_(parameter.to(dtype).to(parameter.dtype))
-
 
 def finetune(pruned: onnx.ModelProto, full: onnx.ModelProto, inputs: np.ndarray,
              plan_sources: Sequence[Sequence[int]], output_kind: str, class_axis: int, epochs: int, seed: int = 0,
              device: str = "cpu", lr: float = LR, batch_size: int = BATCH_SIZE,
-             progress: Callable[[int], None] | None = None, history: list[dict] | None = None) -> onnx.ModelProto:
+             progress: Callable[[int], None] | None = None, history: list[dict] | None = None,
+             teacher: TeacherTargets | None = None) -> onnx.ModelProto:
     """The pruned model with its weights trained for `epochs` passes over `inputs`, the full model as teacher.
 
     Args:
@@ -260,11 +266,14 @@ def finetune(pruned: onnx.ModelProto, full: onnx.ModelProto, inputs: np.ndarray,
         output_kind: the full model's output kind, "logits", "probs" or "sigmoid" (Model.output_kind).
         class_axis: the axis of both outputs that holds the classes (Model.class_axis).
         epochs: passes over the images (0: the pruned model unchanged, as a copy).
-        seed: draws the image order of each epoch; the same seed gives the same bytes.
+        seed: draws the image order of each epoch; the same seed gives the same bytes (on the same device).
         device: "cpu", "cuda", ...
-        lr, batch_size: Adam's learning rate and the images per step.
+        lr: Adam's learning rate relative to each tensor's RMS (see the module docstring).
+        batch_size: images per Adam step.
         progress: called with the number of epochs done after each epoch.
-        history: when given, one dict per epoch is appended: epoch, loss (mean KL per pixel), seconds.
+        history: when given, one dict per epoch is appended: epoch, loss (mean KL per pixel), seconds since start.
+        teacher: the full model's targets on `inputs` (TeacherTargets), when several pruned models train against
+            the same images; computed here otherwise.
 
     Returns:
         A copy of `pruned` with the trained weights (same graph and names; see the module docstring).
@@ -276,7 +285,8 @@ def finetune(pruned: onnx.ModelProto, full: onnx.ModelProto, inputs: np.ndarray,
         copy.CopyFrom(pruned)
         return copy
     start = time.perf_counter()
-    trainer = Finetuner(pruned, full, inputs, plan_sources, output_kind, class_axis, seed, device, lr, batch_size)
+    trainer = Finetuner(pruned, full, inputs, plan_sources, output_kind, class_axis, seed, device, lr, batch_size,
+                        teacher)
     for epoch in range(epochs):
         loss = trainer.train_epoch()
         if history is not None:
@@ -439,6 +449,46 @@ def _make_trainable(graph: TorchGraph, names: list[str]) -> dict[str, torch.nn.P
     return parameters
 
 
+def _check_kind(output_kind: str) -> None:
+    if output_kind not in OUTPUT_KINDS:
+        raise DisasmError(f"finetune: output kind {output_kind!r}; expected one of {', '.join(OUTPUT_KINDS)}")
+
+
+def _classes_last(scores: torch.Tensor, class_axis: int) -> torch.Tensor:
+    """[pixels, classes] from an output with its classes on `class_axis`."""
+    return scores.movedim(class_axis, -1).reshape(-1, scores.shape[class_axis])
+
+
+def _grouped(scores: torch.Tensor, groups: Sequence[Sequence[int]], kind: str) -> torch.Tensor:
+    """Per pixel and output channel: the log-probability of the channel's classes (softmax models), the logit of
+    its class (sigmoid models)."""
+    if kind == "sigmoid":
+        return scores[:, [g[0] for g in groups]]
+    return _grouped_log_probs(scores, groups)
+
+
+def _divergence(student: torch.Tensor, teacher: torch.Tensor, kind: str) -> torch.Tensor:
+    """KL(teacher || student) summed over pixels: of the chosen-or-none distributions (softmax models; arguments are
+    log-probabilities), of each chosen class's Bernoulli (sigmoid models; arguments are logits)."""
+    if kind == "sigmoid":
+        p = torch.sigmoid(teacher)
+        cross = F.binary_cross_entropy_with_logits(student, p, reduction="sum")
+        entropy = F.binary_cross_entropy_with_logits(teacher, p, reduction="sum")
+        return cross - entropy
+    p = teacher.exp()
+    return (p * (teacher - student)).sum()
+
+
+def _scaled_groups(parameters: dict[str, torch.nn.Parameter], lr: float) -> list[dict]:
+    """One Adam group per tensor, its learning rate `lr` times the tensor's RMS: Adam steps every element by about
+    its learning rate whatever the gradient's size, and exported graphs hold weights of every scale (folded
+    normalisations, pre-processing folded into the first conv), so a step relative to the tensor's own size moves
+    each by the same fraction. An all-zero tensor takes the median RMS of the others."""
+    scales = {name: float(p.detach().pow(2).mean().sqrt()) for name, p in parameters.items()}
+    fallback = float(np.median([v for v in scales.values() if v > 0] or [1.0]))
+    return [{"params": [p], "lr": lr * (scales[name] or fallback)} for name, p in parameters.items()]
+
+
 def _grouped_log_probs(scores: torch.Tensor, groups: Sequence[Sequence[int]]) -> torch.Tensor:
     """log P(channel c) per pixel, where P is the softmax over every class in some group and channel c takes the
     probability of its group's classes: logsumexp over the group minus logsumexp over all groups' classes."""
@@ -474,4 +524,4 @@ def _deterministic() -> Iterator[None]:
         torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = saved[2], saved[3]
 
 
-__all__ = ["Finetuner", "finetune", "trainable_initializers"]
+__all__ = ["Finetuner", "TeacherTargets", "finetune", "trainable_initializers"]

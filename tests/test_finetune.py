@@ -16,7 +16,7 @@ import onnxruntime as ort
 import pytest
 from onnx import helper, numpy_helper
 
-from disasm.attribution.finetune import Finetuner, finetune, trainable_initializers
+from disasm.attribution.finetune import Finetuner, TeacherTargets, finetune, trainable_initializers
 from disasm.compiler.channels import analyse
 from disasm.compiler.errors import DisasmError
 from disasm.compiler.images import load_images, preprocess
@@ -115,10 +115,11 @@ def test_written_model_holds_the_trained_weights_and_reproduces_torch_in_onnx_ru
 
 def test_the_same_seed_gives_the_same_bytes(scenes):
     full, pruned, plan, kind, axis = damaged(None, ["green"], batch=1)  # static batch: images accumulate per step
-    run = lambda seed: finetune(pruned, full, scenes[:12], plan.sources, kind, axis, epochs=2, seed=seed,
-                                lr=1e-2, batch_size=3).SerializeToString()
+    run = lambda seed, teacher=None: finetune(pruned, full, scenes[:12], plan.sources, kind, axis, epochs=2,
+                                              seed=seed, lr=1e-2, batch_size=3, teacher=teacher).SerializeToString()
     first = run(0)
     assert run(0) == first
+    assert run(0, TeacherTargets(full, scenes[:12], plan.sources, kind, axis)) == first  # targets computed once
     assert run(1) != first  # the seed draws the image order
 
 
@@ -143,12 +144,11 @@ def _fidelity(full: onnx.ModelProto, pruned: onnx.ModelProto, plan: OutputPlan, 
     return result["category_fidelity"]
 
 
-@pytest.mark.parametrize("head, chosen", [(None, ["green"]), ("sigmoid", ["green", "red"]),
-                                          (None, ["red", "green", "blue"])])
+@pytest.mark.parametrize("head, chosen", [(None, ["green"]), ("softmax", ["green"]), ("sigmoid", ["green", "red"])])
 def test_fidelity_rises_after_one_epoch_from_a_damaged_start(scenes, head, chosen):
     full, pruned, plan, kind, axis = damaged(head, chosen)
     calibration, judged = scenes[:32], scenes[32:]
     history = []
     trained = finetune(pruned, full, calibration, plan.sources, kind, axis, epochs=1, lr=1e-2, history=history)
     before, after = _fidelity(full, pruned, plan, kind, judged), _fidelity(full, trained, plan, kind, judged)
-    assert after > before + 0.02, (before, after, history)
+    assert after > before + 0.04, (before, after, history)  # measured: +0.08 each
