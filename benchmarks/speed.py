@@ -49,6 +49,7 @@ import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
 from disasm.compiler.files import write_atomic
+from disasm.compiler.load import flush_subnormals
 from disasm.runtime.latency import LatencyStats, measure_latency, paired_speedup
 from disasm.runtime.onnxrt import OnnxRuntimeRunner
 
@@ -100,23 +101,6 @@ def optimised_ops(model: bytes) -> dict[str, int]:
         key = f"{node.domain}:{node.op_type}" if node.domain else node.op_type
         counts[key] = counts.get(key, 0) + 1
     return counts
-
-
-def flush_denormals(proto: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
-    """A copy of `proto` with every subnormal float32 initializer value set to 0, and how many there were."""
-    flushed, count = onnx.ModelProto(), 0
-    flushed.CopyFrom(proto)
-    tiny = np.finfo(np.float32).tiny
-    for index, tensor in enumerate(flushed.graph.initializer):
-        if tensor.data_type != TensorProto.FLOAT:
-            continue
-        values = numpy_helper.to_array(tensor)
-        subnormal = (values != 0) & (np.abs(values) < tiny)
-        if subnormal.any():
-            count += int(subnormal.sum())
-            flushed.graph.initializer[index].CopyFrom(numpy_helper.from_array(np.where(subnormal, 0, values)
-                                                                              .astype(np.float32), tensor.name))
-    return flushed, count
 
 
 def layout_summary(ops: dict[str, int]) -> dict[str, int]:
@@ -234,7 +218,7 @@ def corpus_variants(name: str, alpha: float, round_tos: tuple[int, ...], calibra
     sample = preprocess(load_images(judged[:1], size), model.preprocessing)
     full_bytes = model.proto.SerializeToString()
     full_cost = model_cost(model.proto, input_shape)
-    flushed_full, denormals = flush_denormals(model.proto)
+    flushed_full, denormals = flush_subnormals(model.proto)
     variants = {"full": full_bytes, "full (second session, A/A control)": full_bytes}
     rows = {"full": {"round_to": None, "macs_ratio": 1.0, **layout_summary(optimised_ops(full_bytes))}}
     if denormals:
@@ -244,7 +228,7 @@ def corpus_variants(name: str, alpha: float, round_tos: tuple[int, ...], calibra
     for round_to in round_tos:
         selection = SelectionSettings(alpha=alpha, round_to=round_to)
         result = specialise(model, analysis, attribution, categories, selection, "mean", {})
-        pruned = (flush_denormals(result.pruned)[0] if flush else result.pruned).SerializeToString()
+        pruned = (flush_subnormals(result.pruned)[0] if flush else result.pruned).SerializeToString()
         key = f"round_to {round_to}"
         variants[key] = pruned
         counts = [c.total for c in result.choices if c.total < c.size]

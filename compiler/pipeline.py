@@ -599,7 +599,7 @@ def _compile(request: Request, stages: Stages, output: OutputTransaction) -> Rep
     if 0 in input_shape:
         input_shape = (1, *judged_inputs.shape[1:])
     full_runner = OnnxRuntimeRunner(model.proto.SerializeToString() if not model.external_data else model.path,
-                                    threads=request.threads)
+                                    threads=request.threads, spinning=False)
     with stages.stage("full model", len(judged_inputs)) as progress:
         outputs = []
         for i in range(len(judged_inputs)):
@@ -613,7 +613,7 @@ def _compile(request: Request, stages: Stages, output: OutputTransaction) -> Rep
         write_onnx(result.pruned, staged / "pruned.onnx", external_data=bool(model.external_data))
         attribution_cache.save(staged / "attribution", keys[-1] if attribution.moments else keys[0], attribution)
     cost_full, cost_pruned = model_cost(model.proto, input_shape), model_cost(result.pruned, input_shape)
-    pruned_runner = OnnxRuntimeRunner(staged / "pruned.onnx", threads=request.threads)
+    pruned_runner = OnnxRuntimeRunner(staged / "pruned.onnx", threads=request.threads, spinning=False)
     engines = None
     if trt_available() and request.engines:
         with stages.stage("engines"):
@@ -629,6 +629,7 @@ def _compile(request: Request, stages: Stages, output: OutputTransaction) -> Rep
                "output": model.output_kind, "output_name": model.output_name, "layout": model.preprocessing.layout,
                "class_axis": model.class_axis, "input_channels": model.preprocessing.channels,
                "external_data": list(model.external_data), "removed_heads": list(model.removed_heads),
+               "subnormal_weights_zeroed": model.subnormals,
                "sources": model.sources},
         categories=categories,
         output={"classes": list(result.plan.names), "none": result.plan.none, "mode": result.plan.mode,
