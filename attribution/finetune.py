@@ -48,6 +48,7 @@ trip exactly; a float16 model gets its weights rounded once more).
 
 from __future__ import annotations
 
+import os
 import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -112,6 +113,7 @@ class TeacherTargets:
         _check_kind(output_kind)
         if len(inputs) == 0:
             raise DisasmError("finetune: no calibration images")
+        _deterministic_cublas(torch.device(device))
         self.sources = tuple(tuple(int(k) for k in s) for s in plan_sources)
         self.kind, self.class_axis, self.count = output_kind, class_axis, len(inputs)
         proto, scores, logits = _scores_graph(full, output_kind)
@@ -147,6 +149,7 @@ class Finetuner:
         self.pruned = pruned
         self.inputs = np.ascontiguousarray(inputs)
         self.device = torch.device(device)
+        _deterministic_cublas(self.device)
         self.teacher = teacher or TeacherTargets(full, inputs, plan_sources, output_kind, class_axis, device,
                                                  batch_size)
         sources = tuple(tuple(int(k) for k in s) for s in plan_sources)
@@ -505,6 +508,12 @@ def _as_logits(probabilities: torch.Tensor, kind: str) -> torch.Tensor:
     """Probabilities read back as logits (for a model whose final activation could not be stripped)."""
     p = probabilities.clamp(1e-7, 1 - 1e-7)
     return torch.log(p) - torch.log1p(-p) if kind == "sigmoid" else torch.log(p)
+
+
+def _deterministic_cublas(device: torch.device) -> None:
+    """cuBLAS is deterministic only with a fixed workspace, which it reads when this process first uses it."""
+    if device.type == "cuda":
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 
 
 @contextmanager
