@@ -387,13 +387,15 @@ def _setting(selection: SelectionSettings) -> str:
 def _contract(fidelity: dict[str, Any], search: dict[str, Any], target: float, judged: str) -> dict[str, Any]:
     """Whether the written model keeps the fidelity target, in one sentence a user reads first."""
     value = fidelity.get("category_fidelity")
-    chosen = search["trials"][search["chosen"]]["setting"] if search["trials"] else ""
+    chosen = search["trials"][search["chosen"]] if search["trials"] else {"setting": "", "macs_ratio": 0.0}
+    nothing_cut = chosen["setting"].startswith("uncut") or chosen["macs_ratio"] >= 1.0
     if value is None:
         message, met = (f"CONTRACT UNCHECKED: the chosen categories appear in neither model's answers on {judged}, "
                         f"so category fidelity cannot be measured"), False
-    elif chosen.startswith("uncut"):
-        message, met = (f"CONTRACT MISSED: no cut keeps category fidelity >= {target:.2f} on {judged}; the uncut "
-                        f"model was written"), False
+    elif nothing_cut and value >= target:
+        message, met = (f"contract met: category fidelity {value:.3f} >= {target:.2f} on {judged}, but NOTHING WAS "
+                        f"CUT: every cut tried falls below {target:.2f}, so the written model is the full one with "
+                        f"a chosen-or-none output"), True
     elif value < target:
         message, met = (f"CONTRACT MISSED: category fidelity {value:.3f} < {target:.2f} on {judged} "
                         f"(budget fixed by hand)"), False
