@@ -142,3 +142,42 @@ def test_dependencies_point_one_way():
         assert not module.startswith("disasm.attribution"), (name, module)
         assert module in ("disasm.compiler.errors", "disasm.compiler.files") or module.startswith("disasm.runtime"), \
             (name, module)
+
+
+def test_output_sizes_computed_at_run_time_still_give_the_class_count(tmp_path):
+    """interpolate(x, size=image.shape[-2:]) heads declare a symbolic output shape, class axis included; the class
+    count comes from the graph (shapes propagated through the size arithmetic), and labels must match it."""
+    model = seg_model(size=None)
+    graph = model.graph
+    for node in graph.node:
+        node.output[:] = ["logits" if o == "output" else o for o in node.output]
+    graph.initializer.extend([onnx.numpy_helper.from_array(np.array([2], np.int64), "s2"),
+                              onnx.numpy_helper.from_array(np.array([4], np.int64), "s4"),
+                              onnx.numpy_helper.from_array(np.array([0], np.int64), "s0")])
+    graph.node.extend([helper.make_node("Shape", ["image"], ["image_shape"]),
+                       helper.make_node("Slice", ["image_shape", "s2", "s4", "s0"], ["hw"]),
+                       helper.make_node("Shape", ["logits"], ["logits_shape"]),
+                       helper.make_node("Slice", ["logits_shape", "s0", "s2", "s0"], ["nk"]),
+                       helper.make_node("Concat", ["nk", "hw"], ["sizes"], axis=0),
+                       helper.make_node("Resize", ["logits", "", "", "sizes"], ["output"], mode="linear")])
+    graph.output[0].CopyFrom(helper.make_tensor_value_info("output", onnx.TensorProto.FLOAT, ["N", "K", "H", "W"]))
+    path = save(model, tmp_path / "dyn.onnx")
+    assert len(load_model(path, overrides=Overrides(layout="nchw")).classes) == 4  # the graph gives the count
+    loaded = load_model(path, LABELS, Overrides(layout="nchw"))
+    assert loaded.classes == tuple(LABELS.split(",")) and loaded.class_axis == 1
+    with pytest.raises(DisasmError):
+        load_model(path, "a,b,c", Overrides(layout="nchw"))  # the class conv has four rows, not three
+
+
+def test_one_sigmoid_channel_is_a_segmentation_model(tmp_path):
+    """Portrait and matting models answer one category or none with a single sigmoid channel."""
+    model = seg_model(head="sigmoid")
+    w3 = next(t for t in model.graph.initializer if t.name == "w3")
+    b3 = next(t for t in model.graph.initializer if t.name == "b3")
+    w3.CopyFrom(onnx.numpy_helper.from_array(onnx.numpy_helper.to_array(w3)[:1], "w3"))
+    b3.CopyFrom(onnx.numpy_helper.from_array(onnx.numpy_helper.to_array(b3)[:1], "b3"))
+    model.graph.output[0].CopyFrom(helper.make_tensor_value_info("output", onnx.TensorProto.FLOAT, ["N", 1, 16, 16]))
+    loaded = load_model(save(model, tmp_path / "one.onnx"))
+    assert loaded.output_kind == "sigmoid" and len(loaded.classes) == 1
+    plan = plan_outputs(loaded.classes, list(loaded.classes), loaded.background, loaded.output_kind)
+    assert plan.names == loaded.classes and plan.none is None
