@@ -9,6 +9,8 @@ choice of channels differs.
 - taylor: |activation x gradient| of the target categories' masked logit (Molchanov et al. 2017), from the same
   backward passes as the Disassembler.
 - random: uniform, seeded.
+- disassembler+taylor (a combination, measured in benchmarks/results/frontier.md; not yet a --criterion choice): per
+  group, the mean of the Disassembler score and the Taylor score, each divided by its maximum over the group.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from disasm.attribution.select import SelectionSettings, group_scores, scatter_t
 from disasm.compiler.channels import ChannelAnalysis, constant_value
 
 CRITERIA = ("disassembler", "taylor", "l1", "magnitude", "random")
+COMBINATIONS = ("disassembler+taylor",)
 
 
 def _filter_l1(model: onnx.ModelProto, analysis: ChannelAnalysis) -> dict[int, np.ndarray]:
@@ -60,7 +63,16 @@ def criterion_scores(criterion: str, model: onnx.ModelProto, analysis: ChannelAn
         return scatter_to_groups(analysis, {t: np.abs(attribution.channel_mean(t)) for t in attribution.tensors})
     if criterion == "l1":
         return _filter_l1(model, analysis)
+    if criterion == "disassembler+taylor":
+        parts = [criterion_scores(c, model, analysis, attribution, categories, settings, seed)
+                 for c in ("disassembler", "taylor")]
+        return {g: 0.5 * (_unit(parts[0][g]) + _unit(parts[1][g])) for g in parts[0] if g in parts[1]}
     if criterion == "random":
         rng = np.random.default_rng(seed)
         return {g.id: rng.random(g.size) for g in analysis.groups}
-    raise ValueError(f"unknown criterion {criterion!r}; choose one of {', '.join(CRITERIA)}")
+    raise ValueError(f"unknown criterion {criterion!r}; choose one of {', '.join(CRITERIA + COMBINATIONS)}")
+
+
+def _unit(scores: np.ndarray) -> np.ndarray:
+    top = float(np.max(scores)) if scores.size else 0.0
+    return scores / top if top > 0 else np.zeros_like(scores, dtype=np.float64)

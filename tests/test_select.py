@@ -169,3 +169,18 @@ def test_global_allocation_meets_the_mac_target_with_less_loss_than_one_threshol
         return sum(curves.loss[g][len(keep_sets[g])] for g in curves.loss if curves.measured(g))
 
     assert total(keep) < total(threshold)
+
+
+def test_disassembler_taylor_combination_averages_the_unit_scaled_scores(calibrated):
+    from disasm.attribution.baselines import criterion_scores
+
+    model, analysis, attribution = calibrated
+    settings = SelectionSettings()
+    both = criterion_scores("disassembler+taylor", model, analysis, attribution, [0, 1, 2, 3, 4], settings)
+    dis = criterion_scores("disassembler", model, analysis, attribution, [0, 1, 2, 3, 4], settings)
+    tay = criterion_scores("taylor", model, analysis, attribution, [0, 1, 2, 3, 4], settings)
+    assert both and set(both) <= set(dis) & set(tay)
+    for g, s in both.items():
+        assert np.all((s >= 0) & (s <= 1 + 1e-12))
+        unit = [v / v.max() if v.max() > 0 else np.zeros_like(v) for v in (dis[g], tay[g])]
+        np.testing.assert_allclose(s, 0.5 * (unit[0] + unit[1]))
