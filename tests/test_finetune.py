@@ -8,7 +8,6 @@ conv sliced where every output channel is one class, else its rows reordered and
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import numpy as np
 import onnx
