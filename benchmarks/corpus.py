@@ -23,9 +23,9 @@ from disasm.compiler.files import write_atomic
 from disasm.compiler.pipeline import Request, Stages, compile_model
 
 ROOT = Path(__file__).resolve().parents[1]
-CORPUS = ROOT.parent / "shared" / "corpus"
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from corpus_models import corpus_entries, head_and_labels, load_corpus_model, split_images  # noqa: E402
+from corpus_models import (CORPUS, corpus_entries, corpus_overrides, flag, head_and_labels,  # noqa: E402
+                           load_corpus_model, split_images)
 
 
 def _linked(folder: Path, paths: list[Path]) -> Path:
@@ -38,25 +38,12 @@ def _linked(folder: Path, paths: list[Path]) -> Path:
 def corpus_request(entry: dict, work: Path) -> Request:
     calibration, judged = split_images(CORPUS / entry["images"])
     model = load_corpus_model(CORPUS, entry)  # the loader reads the same flags disasm-compile would
-    head, labels = head_and_labels(entry)
+    labels = head_and_labels(entry)[1]
     return Request(model=CORPUS / entry["model"], categories=",".join(entry["categories"][0]),
                    images=_linked(work / "calibration", calibration), eval_images=_linked(work / "judged", judged),
-                   labels=",".join(labels), overrides=_overrides(entry, head), out=work / "out",
-                   input_size=None if model.image_size else _flag(entry, "--input-size"), no_cache=True,
+                   labels=",".join(labels), overrides=corpus_overrides(entry), out=work / "out",
+                   input_size=None if model.image_size else flag(entry, "--input-size"), no_cache=True,
                    engines=False)
-
-
-def _flag(entry: dict, name: str) -> str | None:
-    flags = entry["flags"]
-    return flags[flags.index(name) + 1] if name in flags else None
-
-
-def _overrides(entry: dict, head: str | None):
-    from disasm.compiler.load import Overrides, parse_floats
-    mean, std = _flag(entry, "--mean"), _flag(entry, "--std")
-    return Overrides(mean=parse_floats(mean, "--mean") if mean else None,
-                     std=parse_floats(std, "--std") if std else None,
-                     color="bgr" if "--bgr" in entry["flags"] else None, head=head)
 
 
 def example_request(work: Path) -> Request:

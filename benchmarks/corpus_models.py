@@ -8,6 +8,7 @@ from pathlib import Path
 
 from disasm.compiler.load import Model, Overrides, load_model, parse_floats
 
+CORPUS = Path(__file__).resolve().parents[2] / "shared" / "corpus"  # beside the repository, never inside it
 CALIBRATION_EVERY = 4  # every fourth image of a folder calibrates; the rest are only judged
 
 
@@ -24,21 +25,22 @@ def head_and_labels(entry: dict) -> tuple[str | None, list[str]]:
     return entry.get("segmentation_output"), list(labels)
 
 
-def compile_args(corpus: Path, entry: dict) -> list[str]:
-    """disasm-compile arguments naming the model, its labels, head and input flags (no images, categories or --out)."""
-    head, labels = head_and_labels(entry)
-    return [str(corpus / entry["model"]), "--labels", ",".join(labels), *(["--head", head] if head else []),
-            *entry["flags"]]
+def flag(entry: dict, name: str) -> str | None:
+    """The value corpus.json gives a disasm-compile flag of this model, if it gives one."""
+    flags = entry["flags"]
+    return flags[flags.index(name) + 1] if name in flags else None
+
+
+def corpus_overrides(entry: dict) -> Overrides:
+    """What the model's disasm-compile flags say about its input, and its head."""
+    mean, std = flag(entry, "--mean"), flag(entry, "--std")
+    return Overrides(mean=parse_floats(mean, "--mean") if mean else None,
+                     std=parse_floats(std, "--std") if std else None,
+                     color="bgr" if "--bgr" in entry["flags"] else None, head=head_and_labels(entry)[0])
 
 
 def load_corpus_model(corpus: Path, entry: dict) -> Model:
-    head, labels = head_and_labels(entry)
-    flags = entry["flags"]
-    value = {f: flags[i + 1] for i, f in enumerate(flags[:-1]) if f in ("--mean", "--std")}
-    overrides = Overrides(mean=parse_floats(value["--mean"], "--mean") if "--mean" in value else None,
-                          std=parse_floats(value["--std"], "--std") if "--std" in value else None,
-                          color="bgr" if "--bgr" in flags else None, head=head)
-    return load_model(corpus / entry["model"], ",".join(labels), overrides)
+    return load_model(corpus / entry["model"], ",".join(head_and_labels(entry)[1]), corpus_overrides(entry))
 
 
 def split_images(folder: Path) -> tuple[list[Path], list[Path]]:

@@ -25,9 +25,8 @@ from disasm.compiler.files import write_atomic
 from disasm.compiler.load import Model, load_model
 
 ROOT = Path(__file__).resolve().parents[1]
-CORPUS = ROOT.parent / "shared" / "corpus"
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from corpus_models import corpus_entries, load_corpus_model  # noqa: E402
+from corpus_models import CORPUS, corpus_entries, load_corpus_model  # noqa: E402
 from surgery import FIXTURES, export  # noqa: E402
 
 
@@ -88,12 +87,10 @@ def run(out_dir: Path) -> dict:
         print(f"{entry['name']}: {100 * row['cuttable_share']:.1f}% of conv MACs cuttable", file=sys.stderr)
     with tempfile.TemporaryDirectory() as tmp:
         for name, (factory, exporter) in FIXTURES.items():
-            proto = export(factory(), Path(tmp), f"m{len(rows)}", 64, exporter)
-            path = Path(tmp) / f"m{len(rows)}.onnx"
-            model = load_model(path)
+            export(factory(), Path(tmp), f"m{len(rows)}", 64, exporter)  # writes m<i>.onnx into tmp
+            model = load_model(Path(tmp) / f"m{len(rows)}.onnx")
             row = coverage(model.proto, analyse(model.proto), model_input_shape(model))
             rows.append({"model": name, "kind": "fixture", **row})
-            del proto
     result = {"rows": rows}
     write_atomic(out_dir / "coverage.json", (json.dumps(result, indent=2) + "\n").encode())
     write_atomic(out_dir / "coverage.md", markdown(rows).encode())
