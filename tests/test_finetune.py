@@ -1,6 +1,7 @@
 """Label-free finetuning (attribution.finetune): the written ONNX model holds exactly the trained weights and
-reproduces the trained torch outputs in ONNX Runtime, the same seed gives the same bytes, and a damaged model (half
-its channels cut, nothing compensated) answers more like the full model after one epoch.
+reproduces the trained torch outputs in ONNX Runtime, the same seed gives the same bytes, a damaged model (half its
+channels cut, nothing compensated) answers more like the full model after one epoch, and an epoch that makes the
+calibration loss worse is undone.
 
 Models are the tiny graphs of test_inputs.seg_model, specialised as compiler.pipeline.specialise does it: the class
 conv sliced where every output channel is one class, else its rows reordered and the chosen-or-none head added.
@@ -151,3 +152,13 @@ def test_fidelity_rises_after_one_epoch_from_a_damaged_start(scenes, head, chose
     trained = finetune(pruned, full, calibration, plan.sources, kind, axis, epochs=1, lr=1e-2, history=history)
     before, after = _fidelity(full, pruned, plan, kind, judged), _fidelity(full, trained, plan, kind, judged)
     assert after > before + 0.04, (before, after, history)  # measured: +0.08 each
+
+
+def test_an_epoch_that_raises_the_calibration_loss_is_undone(scenes):
+    full, pruned, plan, kind, axis = damaged(None, ["green"])
+    history = []
+    trained = finetune(pruned, full, scenes[:8], plan.sources, kind, axis, epochs=2, lr=1e3, history=history)
+    assert [h["kept"] for h in history] == [False, False]
+    assert history[0]["lr"] == pytest.approx(1e3 / 3 ** 5)  # the first step backed off 4 times, then the epoch once
+    assert history[1]["lr"] == pytest.approx(history[0]["lr"] / 3)
+    assert trained.SerializeToString() == pruned.SerializeToString()  # the pruned model's own weights, bit for bit
