@@ -60,9 +60,8 @@ from disasm.compiler.prune import prune
 from disasm.runtime.fidelity import evaluate_fidelity
 
 ROOT = Path(__file__).resolve().parents[1]
-CORPUS = ROOT.parent / "shared" / "corpus"
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from corpus_models import corpus_entries, head_and_labels, load_corpus_model, split_images  # noqa: E402
+from corpus_models import CORPUS, corpus_entries, flag, load_corpus_model, split_images  # noqa: E402
 
 EXAMPLE = "shapes_seg (shipped example)"
 # MAC targets of the global allocation, lightest first (its ladder plays the role of ALPHAS)
@@ -130,11 +129,6 @@ def _session(proto: onnx.ModelProto, threads: int | None) -> ort.InferenceSessio
     return ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
 
 
-def _flag(entry: dict, name: str) -> str | None:
-    flags = entry["flags"]
-    return flags[flags.index(name) + 1] if name in flags else None
-
-
 def load_bench(name: str, cache: Path, threads: int | None) -> Bench:
     if name == EXAMPLE:
         model = load_model(ROOT / "examples" / "shapes_seg.onnx")
@@ -147,7 +141,7 @@ def load_bench(name: str, cache: Path, threads: int | None) -> Bench:
     else:
         entry = next(e for e in corpus_entries(CORPUS) if e["name"] == name)
         model = load_corpus_model(CORPUS, entry)
-        size = model.image_size or parse_size(_flag(entry, "--input-size"))
+        size = model.image_size or parse_size(flag(entry, "--input-size"))
         calib_paths, judged_paths = split_images(CORPUS / entry["images"])
         masks = None
         categories = entry["categories"][0]
