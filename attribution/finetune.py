@@ -36,9 +36,9 @@ images so that its answers match the full model's, without labels:
   the model has a static batch of 1, the image order of each epoch a permutation drawn from `seed`.
 - Never worse on the calibration images: the loss over every image is measured before training and after each
   epoch; an epoch that does not lower it is undone and the learning rate divided by 3, so the written weights are
-  those with the lowest calibration loss measured (the pruned model's own when no epoch helped). Adam's very first
-  step moves every weight by its full rate whatever its gradient; it is repeated at a third of the rate while it
-  raises its own images' loss. (The EdgeTPU DeepLab of the corpus needs 3e-5: at 3e-4 one step multiplied the loss
+  those with the lowest calibration loss measured (the pruned model's own when no epoch helped). Adam's first step
+  moves every weight by its full rate whatever its gradient; the first step of each fresh Adam is repeated at a
+  third of the rate while it raises its own images' loss. (The EdgeTPU DeepLab of the corpus needs 3e-5: at 3e-4 one step multiplied the loss
   of one calibration image by 50; the others gain at 3e-4.) Costs one forward pass over the images per epoch.
   Deterministic: the same seed, inputs and device give the same bytes (torch's deterministic algorithms are switched
   on for the run and restored afterwards; torch's global random state is not touched).
@@ -189,8 +189,8 @@ class Finetuner:
     def train_epoch(self) -> dict:
         """One pass over the images in a seeded order, `batch_size` per Adam step, then the loss over every image.
         Weights that lose to the best measured so far (the pruned model's to begin with) are put back and the
-        learning rate is divided by LR_BACKOFF; the very first step is repeated at a lower rate until it lowers its
-        own images' loss (at most MAX_BACKOFFS times). Returns epoch, loss (mean KL per pixel over the images after
+        learning rate is divided by LR_BACKOFF; the first step of each fresh Adam is repeated at a lower rate until it
+        lowers its own images' loss (at most MAX_BACKOFFS times). Returns epoch, loss (mean KL per pixel over the images after
         the epoch's steps), kept (whether those weights were kept), lr (the rate the next epoch uses)."""
         if self._best is None:
             self.initial_loss = self.evaluate()
@@ -208,6 +208,7 @@ class Finetuner:
                     before += loss.item()
                 if self.epochs_done == 0 and first == 0:
                     self._check_gradients()
+                if self._fresh:
                     self._first_step(batch, before)
                 else:
                     self.optimizer.step()
@@ -223,10 +224,11 @@ class Finetuner:
         return {"epoch": self.epochs_done, "loss": loss, "kept": kept, "lr": self.lr}
 
     def _first_step(self, batch: np.ndarray, before: float) -> None:
-        """Adam's first step moves every weight by its full learning rate, whatever its gradient: on a sensitive
-        model (the EdgeTPU DeepLab of the corpus) that can multiply the loss. Repeated from the same gradient at a
-        lower rate while it raises the loss of its own images."""
+        """Adam's first step (and the first after an undone epoch, with a fresh Adam) moves every weight by its full
+        learning rate, whatever its gradient: on a sensitive model (the EdgeTPU DeepLab of the corpus) that can
+        multiply the loss. Repeated from the same gradient at a lower rate while it raises the loss of its images."""
         start = self._snapshot()
+        self._fresh = False
         for attempt in range(MAX_BACKOFFS + 1):
             self.optimizer.step()
             if attempt == MAX_BACKOFFS:
@@ -238,6 +240,7 @@ class Finetuner:
             self._restore(start)  # the gradients stay
             self.lr /= LR_BACKOFF
             self.optimizer = self._adam()
+            self._fresh = False
 
     def evaluate(self) -> float:
         """Mean KL per pixel over every image, at the current weights."""
@@ -250,6 +253,7 @@ class Finetuner:
 
     def _adam(self) -> torch.optim.Adam:
         """Adam with one group per tensor, its learning rate `lr` times the tensor's RMS (module docstring)."""
+        self._fresh = True  # its first step is checked (_first_step)
         return torch.optim.Adam([{"params": [p], "lr": self.lr * self._scales[name]}
                                  for name, p in self.parameters.items()])
 

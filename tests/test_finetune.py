@@ -157,8 +157,7 @@ def test_fidelity_rises_after_one_epoch_from_a_damaged_start(scenes, head, chose
 def test_an_epoch_that_raises_the_calibration_loss_is_undone(scenes):
     full, pruned, plan, kind, axis = damaged(None, ["green"])
     history = []
-    trained = finetune(pruned, full, scenes[:8], plan.sources, kind, axis, epochs=2, lr=1e3, history=history)
-    assert [h["kept"] for h in history] == [False, False]
+    trained = finetune(pruned, full, scenes[:8], plan.sources, kind, axis, epochs=1, lr=1e3, history=history)
+    assert [h["kept"] for h in history] == [False]
     assert history[0]["lr"] == pytest.approx(1e3 / 3 ** 5)  # the first step backed off 4 times, then the epoch once
-    assert history[1]["lr"] == pytest.approx(history[0]["lr"] / 3)
     assert trained.SerializeToString() == pruned.SerializeToString()  # the pruned model's own weights, bit for bit
