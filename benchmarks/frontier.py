@@ -185,7 +185,8 @@ def specialise(bench: Bench, method: Method, setting: float, cut: bool = True) -
     targets = sorted({k for sources in plan.sources for k in sources})
     blocked = class_output_blocker(analysis)
     sliced = plan.single_sources if blocked is None else None
-    class_keep = sliced if sliced is not None else np.arange(len(model.classes))
+    rows = plan.row_order if blocked is None else np.arange(len(model.classes))  # as pipeline.specialise
+    class_keep = sliced if sliced is not None else rows
     selection = SelectionSettings() if method.allocation == "global" else SelectionSettings(alpha=setting)
     scores = group_scores(attribution, analysis, targets, selection)
     if method.allocation == "global":
@@ -216,7 +217,7 @@ def specialise(bench: Bench, method: Method, setting: float, cut: bool = True) -
     metadata = {"disasm.classes": ",".join(plan.names), "disasm.background": plan.none or ""}
     pruned = prune(model.proto, analysis, keep_sets, metadata=metadata, replacements=replacements)
     if sliced is None:
-        pruned = add_output_head(pruned, plan, model.class_axis)
+        pruned = add_output_head(pruned, plan, model.class_axis, rows)
     return pruned, plan, levels
 
 
