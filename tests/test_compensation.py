@@ -151,6 +151,7 @@ def test_refit_keeping_everything_returns_the_original_weights():
 
 @pytest.fixture(scope="module")
 def calibrated(tmp_path_factory):
+    torch.manual_seed(0)
     path = tmp_path_factory.mktemp("comp") / "deeplab.onnx"
     export(randomise_batchnorm(MiniDeepLab()), path)
     model = onnx.shape_inference.infer_shapes(onnx.load(str(path)))
@@ -344,7 +345,8 @@ def test_sequential_refit_is_deterministic_and_batching_does_not_change_it(calib
     assert sorted(first.replacements) == sorted(again.replacements) == sorted(one_by_one.replacements)
     for key, value in first.replacements.items():
         assert np.array_equal(value, again.replacements[key])
-        np.testing.assert_allclose(one_by_one.replacements[key], value, atol=1e-4, rtol=1e-4)
+        # other batches sum the float32 products in another order, and ONNX Runtime may pick other conv kernels
+        np.testing.assert_allclose(one_by_one.replacements[key], value, atol=1e-3 * np.abs(value).max())
     a = prune(model, analysis, keep_sets, replacements=first.replacements).SerializeToString()
     assert a == prune(model, analysis, keep_sets, replacements=again.replacements).SerializeToString()
 
