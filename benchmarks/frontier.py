@@ -356,7 +356,8 @@ def markdown(models: list[dict], methods: list[str]) -> str:
     lines += ["## Trials", ""]
     for m in models:
         lines += [f"**{m['model']}** ({', '.join(m['categories'])}; {m['calibration_images']} calibration / "
-                  f"{m['judged_images']} judged images; attribution {m['attribution_seconds']:.0f} s):", ""]
+                  f"{m['judged_images']} judged images; attribution {m['attribution_seconds']:.0f} s when the cache "
+                  f"was filled, under whatever load the machine had then):", ""]
         for name in methods:
             row = m["methods"].get(name)
             if row is None:
