@@ -189,9 +189,9 @@ class Finetuner:
     def train_epoch(self) -> dict:
         """One pass over the images in a seeded order, `batch_size` per Adam step, then the loss over every image.
         Weights that lose to the best measured so far (the pruned model's to begin with) are put back and the
-        learning rate is divided by LR_BACKOFF; the first step of each fresh Adam is repeated at a lower rate until it
-        lowers its own images' loss (at most MAX_BACKOFFS times). Returns epoch, loss (mean KL per pixel over the images after
-        the epoch's steps), kept (whether those weights were kept), lr (the rate the next epoch uses)."""
+        learning rate is divided by LR_BACKOFF; the first step of each fresh Adam is repeated at a lower rate until
+        it lowers its own images' loss (at most MAX_BACKOFFS times). Returns epoch, loss (mean KL per pixel over the
+        images after the epoch's steps), kept (whether those weights were kept), lr (the rate the next epoch uses)."""
         if self._best is None:
             self.initial_loss = self.evaluate()
             self._best = (self.initial_loss, self._snapshot())
