@@ -38,9 +38,10 @@ images so that its answers match the full model's, without labels:
   epoch; an epoch that does not lower it is undone and the learning rate divided by 3, so the written weights are
   those with the lowest calibration loss measured (the pruned model's own when no epoch helped). Adam's first step
   moves every weight by its full rate whatever its gradient; the first step of each fresh Adam is repeated at a
-  third of the rate while it raises its own images' loss. (The EdgeTPU DeepLab of the corpus needs 3e-5: at 3e-4 one step multiplied the loss
-  of one calibration image by 50; the others gain at 3e-4.) Costs one forward pass over the images per epoch.
-  Deterministic: the same seed, inputs and device give the same bytes (torch's deterministic algorithms are switched
+  third of the rate while it raises its own images' loss. (The EdgeTPU DeepLab of the corpus needs about 3e-5: at
+  3e-4 one step multiplied the loss of one calibration image by 50; the other corpus models gain at 3e-4.) This
+  costs one forward pass over the images per epoch.
+- Deterministic: the same seed, inputs and device give the same bytes (torch's deterministic algorithms are switched
   on for the run and restored afterwards; torch's global random state is not touched).
 - The teacher's targets (TeacherTargets) depend only on the full model, the images and the output plan: a budget
   search computes them once and passes them to each trial's `finetune`.
