@@ -265,8 +265,14 @@ def _toposort(graph: onnx.GraphProto, available: set[str]) -> list[onnx.NodeProt
     missing_outputs = [o.name for o in graph.output if o.name not in producers and o.name not in available]
     if missing_outputs:
         raise DisasmError(f"graph outputs {missing_outputs} are not produced by any node.")
+    return topological_order(graph.node, available)
+
+
+def topological_order(nodes: Iterable[onnx.NodeProto], available: set[str]) -> list[onnx.NodeProto]:
+    """`nodes` in an order where each runs after whatever produces its inputs (`available` are given), keeping the
+    given order where it already works; a cycle or a tensor nothing produces is a DisasmError."""
     ready = set(available) | {""}
-    pending = list(graph.node)
+    pending = list(nodes)
     ordered: list[onnx.NodeProto] = []
     while pending:  # one pass when the file is already sorted
         still = []

@@ -45,7 +45,7 @@ from onnx import helper, numpy_helper
 
 from disasm.attribution.compensate import (DEFAULT_RIDGE, CutConsumer, consumer_at, cut_consumers, kept_features,
                                            refit_cross, theta_matrix)
-from disasm.attribution.interpreter import TorchGraph
+from disasm.attribution.interpreter import TorchGraph, topological_order
 from disasm.attribution.moments import MAX_FEATURES, Consumer, patches
 from disasm.compiler.channels import ChannelAnalysis
 from disasm.compiler.errors import DisasmError
@@ -89,22 +89,6 @@ def _refittable(c: CutConsumer, max_features: int) -> bool:
     return c.plain and len(c.spec.kernel) == 2 and c.spec.in_channels * int(np.prod(c.spec.kernel)) <= max_features
 
 
-def _toposorted(nodes: list[onnx.NodeProto], available: set[str]) -> list[onnx.NodeProto]:
-    ready, pending, ordered = set(available) | {""}, list(nodes), []
-    while pending:  # one pass when the file is already sorted
-        still = []
-        for n in pending:
-            if all(i in ready for i in n.input):
-                ordered.append(n)
-                ready.update(n.output)
-            else:
-                still.append(n)
-        if len(still) == len(pending):
-            raise DisasmError("sequential refit: the graph has a cycle or reads a tensor nothing produces")
-        pending = still
-    return ordered
-
-
 class _Network:
     """A graph split into stages (see the module docstring), built stage by stage as ONNX sub-graphs."""
 
@@ -116,7 +100,7 @@ class _Network:
         if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
                for n in graph.node for a in n.attribute):
             raise DisasmError("sequential refit: graphs with sub-graphs (If/Loop/Scan) are not supported")
-        self.nodes = _toposorted(list(graph.node), set(self.input_names) | set(self.initializers))
+        self.nodes = topological_order(list(graph.node), set(self.input_names) | set(self.initializers))
         by_output = {o: n for n in self.nodes for o in n.output if o}
         missing = [name for name in fits if name not in by_output]
         if missing:
@@ -321,7 +305,7 @@ def _downstream(model: onnx.ModelProto, analysis: ChannelAnalysis, keep_sets: di
     tainted = {nodes[c.node].output[0] for c in cut}
     done = {c.node for c in cut}
     found = []
-    for n in _toposorted(nodes, inputs):
+    for n in topological_order(nodes, inputs):
         if not any(i in tainted for i in n.input if i):
             continue
         tainted.update(o for o in n.output if o)
