@@ -9,8 +9,9 @@ choice of channels differs.
 - taylor: |activation x gradient| of the target categories' masked logit (Molchanov et al. 2017), from the same
   backward passes as the Disassembler.
 - random: uniform, seeded.
-- disassembler+taylor (a combination, measured in benchmarks/results/frontier.md; not yet a --criterion choice): per
-  group, the mean of the Disassembler score and the Taylor score, each divided by its maximum over the group.
+- disassembler+taylor (the default, chosen in benchmarks/results/frontier.md): per group, the mean of the
+  Disassembler score and the Taylor score, each divided by its maximum over the group. With it the Disassembler sets
+  the per-group counts and the mean picks the channels.
 """
 
 from __future__ import annotations
@@ -23,8 +24,7 @@ from disasm.attribution.disassembler import Attribution
 from disasm.attribution.select import SelectionSettings, group_scores, scatter_to_groups
 from disasm.compiler.channels import ChannelAnalysis, constant_value
 
-CRITERIA = ("disassembler", "taylor", "l1", "magnitude", "random")
-COMBINATIONS = ("disassembler+taylor",)
+CRITERIA = ("disassembler+taylor", "disassembler", "taylor", "l1", "magnitude", "random")
 
 
 def _filter_l1(model: onnx.ModelProto, analysis: ChannelAnalysis) -> dict[int, np.ndarray]:
@@ -70,7 +70,7 @@ def criterion_scores(criterion: str, model: onnx.ModelProto, analysis: ChannelAn
     if criterion == "random":
         rng = np.random.default_rng(seed)
         return {g.id: rng.random(g.size) for g in analysis.groups}
-    raise ValueError(f"unknown criterion {criterion!r}; choose one of {', '.join(CRITERIA + COMBINATIONS)}")
+    raise ValueError(f"unknown criterion {criterion!r}; choose one of {', '.join(CRITERIA)}")
 
 
 def _unit(scores: np.ndarray) -> np.ndarray:

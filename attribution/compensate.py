@@ -37,7 +37,7 @@ import onnx_graphsurgeon as gs
 from disasm.attribution.disassembler import Attribution
 from disasm.compiler.channels import ChannelAnalysis, ConvSpec, constant_value, conv_spec
 
-METHODS = ("none", "mean", "lsq")
+METHODS = ("none", "mean", "lsq", "sequential")  # sequential: attribution.refit
 DEFAULT_RIDGE = 1e-2
 
 

@@ -20,7 +20,7 @@ class SelectionSettings:
     alpha: float = 0.1        # keep channel c if its normalised score (prod: P*R; and: P) exceeds alpha
     beta: float = 0.2         # threshold on the normalised backward vector R, for the 'and' rule
     rule: str = "prod"        # prod: P*R > alpha;  and: P > alpha and R > beta (each normalised by its max)
-    round_to: int = 8         # keep a multiple of this many channels per group (tensor cores want 8 for FP16)
+    round_to: int = 8         # kept counts: multiples of this where the group size is one (FP16 tensor cores want 8)
     last_n: int | None = None  # only groups within this many convs of the output are cut (None: all)
     keep_ratio: float | None = None  # per-group budget: keep this fraction of every cut group, best scores first,
     #                                  instead of the alpha threshold (which lets kept counts differ per group)
@@ -129,7 +129,9 @@ def select_with_budget(scores: dict[int, np.ndarray], choices: list[GroupChoice]
 def select_channels(analysis: ChannelAnalysis, scores: dict[int, np.ndarray], settings: SelectionSettings,
                     class_keep: np.ndarray) -> tuple[dict[int, np.ndarray], list[GroupChoice]]:
     """Keep-sets per group: channels scoring above alpha (or the keep_ratio best), rounded up to a multiple of
-    round_to with the next best."""
+    round_to with the next best. A group whose size is not itself a multiple of round_to is not rounded: the full
+    model already runs it off the backend's channel blocks, so any count costs no layout change (SINet's groups of
+    12 could otherwise only stay whole or lose a third)."""
     keep_sets: dict[int, np.ndarray] = {}
     choices: list[GroupChoice] = []
     for group in analysis.groups:
@@ -156,7 +158,8 @@ def select_channels(analysis: ChannelAnalysis, scores: dict[int, np.ndarray], se
             wanted = int((s > settings.alpha).sum())
         else:
             wanted = int(np.ceil(settings.keep_ratio * group.size))
-        total = min(group.size, max(settings.round_to, -(-wanted // settings.round_to) * settings.round_to))
+        unit = settings.round_to if group.size % settings.round_to == 0 else 1
+        total = min(group.size, max(unit, -(-wanted // unit) * unit))
         order = np.lexsort((np.arange(group.size), -s))  # best first; ties by index keep the result deterministic
         keep = np.sort(order[:total])
         keep_sets[group.id] = keep

@@ -39,7 +39,9 @@ if TYPE_CHECKING:
 
 # Choices and defaults of the options, written out so that --help and argument errors need neither torch nor onnx
 # (seconds of imports). tests/test_cli.py checks each against the module that owns it.
-CRITERIA = ("disassembler", "taylor", "l1", "magnitude", "random")  # attribution.baselines.CRITERIA
+CRITERIA = ("disassembler+taylor", "disassembler", "taylor", "l1", "magnitude", "random")  # baselines.CRITERIA
+COMPENSATIONS = ("none", "mean", "lsq", "sequential")               # attribution.compensate.METHODS
+CRITERION, COMPENSATION = "disassembler+taylor", "sequential"       # compiler.pipeline.CRITERION, COMPENSATION
 LAYOUTS = ("nchw", "nhwc")                                          # compiler.load.LAYOUTS
 OUTPUT_KINDS = ("logits", "probs", "sigmoid")                       # compiler.load.OUTPUT_KINDS
 MODES = ("chosen-or-none", "restricted")                            # compiler.outputs.MODES
@@ -50,15 +52,20 @@ ATTRIBUTION_DEFAULTS = {"tau": 0.8, "gradient": "positive", "target": "logit", "
 SELECTION_DEFAULTS = {"alpha": 0.1, "beta": 0.2, "rule": "prod", "round_to": 8}  # attribution.select.SelectionSettings
 
 
-def _positive_int(text: str) -> int:
-    """argparse type: an integer >= 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
+def _int_at_least(minimum: int):
+    """argparse type: an integer >= minimum."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
+        return value
+    return parse
+
+
+_positive_int, _non_negative_int = _int_at_least(1), _int_at_least(0)
 
 
 def _device(text: str) -> str:
@@ -148,12 +155,18 @@ def build_parser() -> argparse.ArgumentParser:
     se.add_argument("--last-n", type=int, default=None, help="cut only groups within N convs of the output (default: all)")
     se.add_argument("--keep-ratio", type=float, default=None,
                     help="fix the budget by hand: keep this fraction of every cut group by score")
-    se.add_argument("--criterion", default="disassembler", choices=CRITERIA,
-                    help="channel criterion; baselines keep as many channels per group as the Disassembler would, "
-                         "for comparisons at equal MACs (default %(default)s)")
-    se.add_argument("--compensate", default="lsq", help="compensate cut channels in their consumers: none, mean "
-                    "(calibration mean folded into the bias) or lsq (ridge least-squares refit of each consumer; "
-                    "default %(default)s)")
+    se.add_argument("--criterion", default=CRITERION, choices=CRITERIA,
+                    help="which channels a group keeps; the Disassembler always sets how many. disassembler+taylor: "
+                         "the mean of the Disassembler and Taylor scores; the others score alone, for comparisons at "
+                         "equal MACs (default %(default)s)")
+    se.add_argument("--compensate", default=COMPENSATION, choices=COMPENSATIONS, help="refit the consumers of cut "
+                    "channels: sequential (ridge least squares, one depth level at a time, on the inputs the pruned "
+                    "network gives them), lsq (the same, each on the full network's inputs, from attribution "
+                    "statistics), mean (calibration means folded into the biases) or none (default %(default)s)")
+    se.add_argument("--finetune", type=_non_negative_int, default=0, metavar="EPOCHS", help="after each cut, train "
+                    "the pruned model's weights for EPOCHS passes over the calibration images with the full model as "
+                    "teacher (no labels; seeded, deterministic; on --device); the budget search then looks for the "
+                    "smallest model that meets --min-fidelity after finetuning, e.g. --finetune 1 (default 0)")
     bench = p.add_argument_group("benchmark")
     bench.add_argument("--runs", type=_positive_int, default=30, help="interleaved latency rounds, full vs pruned (default %(default)s)")
     bench.add_argument("--trt-target", type=_trt_target, default=None,
@@ -196,8 +209,8 @@ def request_from_args(args: argparse.Namespace) -> Request:
                    device=args.device, selection=selection,
                    budget_fixed=args.alpha is not None or args.keep_ratio is not None,
                    min_fidelity=args.min_fidelity, others=args.others, criterion=args.criterion,
-                   compensate=args.compensate, runs=args.runs, threads=args.threads, trt_target=args.trt_target,
-                   engines=not args.no_engines, reports=True)
+                   compensate=args.compensate, finetune=args.finetune, runs=args.runs, threads=args.threads,
+                   trt_target=args.trt_target, engines=not args.no_engines, reports=True)
 
 
 def main(argv: list[str] | None = None) -> int:

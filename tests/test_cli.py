@@ -66,7 +66,8 @@ def test_compile_writes_a_smaller_model_for_the_chosen_classes(compiled, small_d
     os.umask(umask)
     for written in (entries[0], compiled / "report.json", compiled / "pruned.onnx"):
         assert written.stat().st_mode & 0o777 == 0o666 & ~umask, f"{written.name}: not the usual permissions"
-    assert report["attribution"]["consumers_with_moments"] > 0  # lsq, the default, needs them
+    assert report["attribution"]["consumers_with_moments"] == 0  # the default sequential refit runs on the images
+    assert report["compensation"]["method"] == "sequential" and report["settings"]["criterion"] == "disassembler+taylor"
 
     pruned = onnx.load(str(compiled / "pruned.onnx"))
     meta = {p.key: p.value for p in pruned.metadata_props}

@@ -469,6 +469,7 @@ def test_help_and_argument_errors_import_neither_torch_nor_onnx():
 
 def test_cli_choices_and_defaults_are_those_of_the_modules_that_own_them():
     from disasm.attribution.baselines import CRITERIA
+    from disasm.attribution.compensate import METHODS as COMPENSATIONS
     from disasm.attribution.disassembler import AttributionSettings
     from disasm.attribution.select import SelectionSettings
     from disasm.compiler import cli, images, load, outputs
@@ -476,6 +477,9 @@ def test_cli_choices_and_defaults_are_those_of_the_modules_that_own_them():
     assert (cli.CRITERIA, cli.LAYOUTS, cli.OUTPUT_KINDS, cli.MODES, cli.RESIZE_POLICIES) == \
         (CRITERIA, load.LAYOUTS, load.OUTPUT_KINDS, outputs.MODES, images.RESIZE_POLICIES)
     assert (cli.ALPHAS, cli.MIN_FIDELITY) == (pipeline.ALPHAS, pipeline.MIN_FIDELITY)
+    assert (cli.COMPENSATIONS, cli.CRITERION, cli.COMPENSATION) == \
+        (COMPENSATIONS, pipeline.CRITERION, pipeline.COMPENSATION)
+    assert (pipeline.Request.criterion, pipeline.Request.compensate) == (pipeline.CRITERION, pipeline.COMPENSATION)
     assert {k: getattr(AttributionSettings(), k) for k in cli.ATTRIBUTION_DEFAULTS} == cli.ATTRIBUTION_DEFAULTS
     assert {k: getattr(SelectionSettings(), k) for k in cli.SELECTION_DEFAULTS} == cli.SELECTION_DEFAULTS
 

@@ -96,6 +96,31 @@ def test_judged_images_default_to_a_held_out_share_of_the_calibration_folder(tmp
     assert "held out" in report.fidelity["source"]
 
 
+def test_finetune_trains_each_cut_trial_and_writes_the_trained_weights(tmp_path, scenes):
+    from disasm.attribution.finetune import finetune
+
+    fixed = dict(budget_fixed=True, selection=SelectionSettings(alpha=0.3, round_to=1))
+    plain = _request(tmp_path / "plain", scenes, **fixed)
+    untuned_report = compile_model(plain)
+    report = compile_model(replace(plain, finetune=1, out=tmp_path / "tuned"))
+    assert report.compensation["finetune_epochs"] == 1 and report.settings["finetune"] == 1
+    assert [e["epoch"] for e in report.search["trials"][0]["finetune"]] == [1]
+    assert untuned_report.search["trials"][0]["finetune"] == []
+    # the written weights are those of one epoch of finetune() on the calibration images, from the untuned cut
+    model = load_model(plain.model, LABELS)
+    images = pipeline._images(plain, model, model.image_size)
+    untuned = onnx.load(str(tmp_path / "plain" / "out" / "pruned.onnx"))
+    plan = plan_outputs(model.classes, report.categories, model.background, model.output_kind)
+    expected = finetune(untuned, model.proto, images.calibration_inputs, plan.sources, model.output_kind,
+                        model.class_axis, 1)
+    written = onnx.load(str(tmp_path / "tuned" / "pruned.onnx"))
+    values = {t.name: onnx.numpy_helper.to_array(t) for t in written.graph.initializer}
+    for tensor in expected.graph.initializer:  # the compile's teacher ran 8 images at once: float rounding differs
+        np.testing.assert_allclose(values[tensor.name], onnx.numpy_helper.to_array(tensor), rtol=1e-5, atol=1e-6)
+    assert report.search["trials"][0]["finetune"][0]["kept"] == any(
+        not np.array_equal(values[t.name], onnx.numpy_helper.to_array(t)) for t in untuned.graph.initializer)
+
+
 def _two_head_model(tmp_path: Path) -> Path:
     model = seg_model()
     graph = model.graph
