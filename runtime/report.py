@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,10 @@ from rich.table import Table
 from rich.text import Text
 
 from disasm.compiler.files import write_atomic
+from disasm.runtime.latency import LatencyStats, SpeedupStats, paired_speedup
+
+ENGINE_NAMES = ("full.fp32", "pruned.fp32", "full.fp16", "pruned.fp16")
+_NO_ENGINES = "TensorRT engines: none built (--no-engines, or no TensorRT module installed)"
 
 
 def _ratio(new: float | None, old: float | None) -> str:
@@ -125,12 +130,7 @@ def summary_rows(report: dict[str, Any]) -> list[tuple[str, str, str, str]]:
     if full.get("params") is not None and pruned.get("params") is not None:
         rows.append(("parameters", f"{full['params'] / 1e3:.1f} K", f"{pruned['params'] / 1e3:.1f} K",
                      _ratio(pruned["params"], full["params"])))
-    lat = _dict(report.get("latency"))
-    lat_full, lat_pruned = _dict(lat.get("full")), _dict(lat.get("pruned"))
-    if lat_full.get("median_ms") is not None and lat_pruned.get("median_ms") is not None:
-        speedup = lat.get("speedup")
-        rows.append((f"latency median ({lat.get('backend', '?')})", f"{lat_full['median_ms']:.2f} ms",
-                     f"{lat_pruned['median_ms']:.2f} ms", "" if speedup is None else f"{speedup:.2f}x faster"))
+    rows += _latency_rows(_dict(report.get("latency")))
     engines = _dict(report.get("engines"))
     for precision in ("fp32", "fp16"):
         e_full = _dict(engines.get(f"full.{precision}")).get("weight_bytes")
@@ -146,6 +146,38 @@ def summary_rows(report: dict[str, Any]) -> list[tuple[str, str, str, str]]:
         diff = f"{100 * (m_pruned - m_full):+.2f} pts" if m_full is not None and m_pruned is not None else ""
         rows.append((f"mIoU vs ground truth ({mode})", _pct(m_full), _pct(m_pruned), diff))
     return rows
+
+
+def _latency_rows(lat: dict[str, Any]) -> list[tuple[str, str, str, str]]:
+    """The median of full and pruned with the speed-up, then their p10-p90 with the speed-up's p10-p90 over the
+    paired rounds: one run on a shared machine can be 1.1x or 1.7x, so the median alone says too little."""
+    full, pruned = _dict(lat.get("full")), _dict(lat.get("pruned"))
+    if full.get("median_ms") is None or pruned.get("median_ms") is None:
+        return []
+    speedup = lat.get("speedup")
+    rows = [(f"latency median ({lat.get('backend', '?')})", f"{full['median_ms']:.2f} ms",
+             f"{pruned['median_ms']:.2f} ms", "" if speedup is None else f"{speedup:.2f}x faster")]
+    spreads = [f"{d['p10_ms']:.2f}-{d['p90_ms']:.2f} ms" if d.get("p10_ms") is not None and d.get("p90_ms") is not None
+               else "n/a" for d in (full, pruned)]
+    if spreads != ["n/a", "n/a"]:
+        paired = _paired_speedup(full, pruned)
+        runs = lat.get("runs") or full.get("runs")
+        counted = f" ({runs} run{'' if runs == 1 else 's'})" if runs else ""
+        rows.append((f"  p10-p90{counted}", *spreads,
+                     "" if paired is None else f"{paired.p10:.2f}-{paired.p90:.2f}x"))
+    return rows
+
+
+def _paired_speedup(full: dict[str, Any], pruned: dict[str, Any]) -> SpeedupStats | None:
+    """latency.paired_speedup from the samples report.json keeps, or None where they are missing or unusable."""
+    def stats(d: dict[str, Any]) -> LatencyStats:
+        known = {f.name for f in fields(LatencyStats)}
+        return LatencyStats(**{k: v for k, v in d.items() if k in known} | {"samples_ms": tuple(d["samples_ms"])})
+
+    try:
+        return paired_speedup(stats(full), stats(pruned))
+    except (KeyError, TypeError, ValueError):
+        return None
 
 
 def _output_line(report: dict[str, Any]) -> str | None:
@@ -166,6 +198,32 @@ def _fidelity_line(report: dict[str, Any]) -> str | None:
     named = count is None or not source or str(count) in source  # the sentence already gives the count
     counted = "" if named else f" ({count} image{'' if count == 1 else 's'})"
     return f"fidelity measured on {_images(fid)}{counted}"
+
+
+def _images_line(report: dict[str, Any]) -> str | None:
+    """How many images each figure rests on, whether the judged ones overlap the calibration set, and which files
+    were skipped as unreadable (named, so a user can fix or remove them)."""
+    images = _dict(report.get("images"))
+    if not images:
+        return None
+    parts = []
+    if images.get("calibration") is not None:
+        parts.append(f"{images['calibration']} calibration (attribution, compensation)")
+    if images.get("judged") is not None:
+        parts.append(f"{images['judged']} judged (fidelity, budget search)")
+    overlap = images.get("judged_in_calibration")
+    if overlap:
+        parts.append(f"{overlap} of the judged are also calibration images, so fidelity on them is optimistic")
+    elif overlap == 0:
+        parts.append("none of the judged is a calibration image")
+    skipped = [str(p) for p in images.get("skipped_files") or []]
+    count = images.get("skipped", len(skipped))
+    if count:
+        named = ", ".join(skipped[:5]) + (f" and {len(skipped) - 5} more" if len(skipped) > 5 else "")
+        parts.append(f"{count} unreadable file{'' if count == 1 else 's'} skipped" + (f": {named}" if named else ""))
+    elif "skipped" in images:
+        parts.append("no file skipped")
+    return "images: " + "; ".join(parts) if parts else None
 
 
 def _search_line(report: dict[str, Any]) -> str | None:
@@ -195,8 +253,8 @@ def print_report(report: dict[str, Any], console: Console) -> None:
     style = {False: "bold red", True: "bold green", None: "bold"}[state]
     console.print(Text(headline(report), style=style))
     console.print(terminal_table(report))
-    for line in (_output_line(report), _fidelity_line(report), _note(report), _search_line(report),
-                 _engines_line(report)):
+    for line in (_output_line(report), _fidelity_line(report), _images_line(report), _note(report),
+                 _search_line(report), _engines_line(report)):
         if line:
             console.print(Text(line))
     ch = _dict(report.get("channels"))
@@ -214,11 +272,30 @@ def _note(report: dict[str, Any]) -> str | None:
 
 
 def _engines_line(report: dict[str, Any]) -> str | None:
+    if "engines" in report and report["engines"] is None:
+        return _NO_ENGINES
     engines = _dict(report.get("engines"))
     text = _engine_latency_text(engines) if engines else None
     if not text:
         return None
     return f"TensorRT engines were only built for {engines.get('target', '?')}, not run ({text})"
+
+
+def _engines_section(report: dict[str, Any]) -> list[str]:
+    """Which engines were built, for what, and whether they were run (a built engine proves the graph compiles;
+    only a run engine gives a latency)."""
+    if "engines" in report and report["engines"] is None:
+        backend = _dict(report.get("latency")).get("backend")
+        return ["", "## TensorRT engines", "", _NO_ENGINES + (f"; latency is {backend}'s only." if backend else ".")]
+    engines = _dict(report.get("engines"))
+    if not engines:
+        return []
+    built = [name for name in ENGINE_NAMES if isinstance(engines.get(name), dict)]
+    text = _engine_latency_text(engines)
+    module = f" with {engines['module']}" if engines.get("module") else ""
+    return ["", "## TensorRT engines", "",
+            f"Engines built for {engines.get('target', '?')}{module}: {', '.join(built) or 'none recorded'}; "
+            + (f"they were only built, not run ({text})." if text else "see the table for their weights.")]
 
 
 def _trial_table(report: dict[str, Any]) -> list[str]:
@@ -258,7 +335,7 @@ def markdown(report: dict[str, Any]) -> str:
     categories = _categories(report)
     if categories:
         lines.append(f"Chosen categories: {', '.join(categories)}  ")
-    for line in (_output_line(report), _fidelity_line(report), _note(report)):
+    for line in (_output_line(report), _fidelity_line(report), _images_line(report), _note(report)):
         if line:
             lines.append(line[0].upper() + line[1:] + "  ")
     if model.get("sha256"):
@@ -280,13 +357,7 @@ def markdown(report: dict[str, Any]) -> str:
                   "label 255 ignored)", "", "| class | full | pruned |", "|---|---:|---:|"]
         lines += [f"| {name} | {_pct(_dict(v).get('full'))} | {_pct(_dict(v).get('pruned'))} |"
                   for name, v in fid["per_class"].items()]
-    engines = _dict(report.get("engines"))
-    if engines:
-        lines += ["", "## TensorRT engines", ""]
-        text = _engine_latency_text(engines)
-        module = f" with {engines['module']}" if engines.get("module") else ""
-        lines.append(f"Engines built for {engines.get('target', '?')}{module}; "
-                     + (f"they were only built, not run ({text})." if text else "see the table for their weights."))
+    lines += _engines_section(report)
     channels = _dict(report.get("channels"))
     if channels.get("per_group"):
         lines += ["", "## Channel groups", "",

@@ -6,10 +6,12 @@ from __future__ import annotations
 import copy
 import io
 import json
+from dataclasses import asdict
 
 import pytest
 from rich.console import Console
 
+from disasm.runtime.latency import LatencyStats
 from disasm.runtime.plots import render_png
 from disasm.runtime.report import headline, markdown, print_report, summary_rows, write_report
 
@@ -177,3 +179,35 @@ def test_write_report_writes_json_and_markdown(tmp_path):
     assert json.loads((tmp_path / "report.json").read_text())["contract"]["met"] is True
     assert (tmp_path / "report.md").read_text().startswith("Contract met:")
     assert render_png(report)[:8] == PNG
+
+
+def test_markdown_says_what_every_figure_rests_on():
+    """Image counts and the skipped files by name, which engines were built and that none was run, and latency as
+    p10-p90 of full and pruned with the speed-up's spread over the paired rounds (one run can say 1.1x or 1.7x)."""
+    report = full_report()
+    report["images"] = {"calibration": 12, "judged": 4, "skipped": 1, "skipped_files": ["/data/calib/cut.jpg"]}
+    full = LatencyStats("full", 3, 40.0, 38.0, 50.0, 42.7, 38.0, samples_ms=(40.0, 38.0, 50.0))
+    pruned = LatencyStats("pruned", 3, 25.0, 24.0, 30.0, 23.3, 20.0, samples_ms=(20.0, 25.0, 25.0))
+    report["latency"] |= {"runs": 3, "full": json.loads(json.dumps(asdict(full))),  # as report.json holds them
+                          "pruned": json.loads(json.dumps(asdict(pruned)))}
+    text = markdown(report)
+    assert ("Images: 12 calibration (attribution, compensation); 4 judged (fidelity, budget search); 1 unreadable "
+            "file skipped: /data/calib/cut.jpg") in text
+    ratios = sorted([40 / 20, 38 / 25, 50 / 25])  # per round: full / pruned
+    p10, p90 = ratios[0] + 0.2 * (ratios[1] - ratios[0]), ratios[1] + 0.8 * (ratios[2] - ratios[1])
+    assert f"|   p10-p90 (3 runs) | 38.00-50.00 ms | 24.00-30.00 ms | {p10:.2f}-{p90:.2f}x |" in text
+    assert ("Engines built for sm86 with tensorrt_rtx: full.fp32, pruned.fp32, full.fp16, pruned.fp16; they were "
+            "only built, not run") in text
+    report["engines"] = None
+    assert "TensorRT engines: none built (--no-engines, or no TensorRT module installed)" in markdown(report)
+    assert "none built" in terminal_text(report)
+    del report["latency"]["full"]["samples_ms"]  # an older report: the spreads without the paired one
+    assert "|   p10-p90 (3 runs) | 38.00-50.00 ms | 24.00-30.00 ms |  |" in markdown(report)
+
+
+def test_images_line_says_when_judged_images_are_calibration_images():
+    report = full_report()
+    report["images"] = {"calibration": 8, "judged": 8, "judged_in_calibration": 8, "skipped": 0}
+    assert "8 of the judged are also calibration images, so fidelity on them is optimistic" in markdown(report)
+    report["images"]["judged_in_calibration"] = 0
+    assert "none of the judged is a calibration image; no file skipped" in markdown(report)
