@@ -236,6 +236,8 @@ def _run(args: argparse.Namespace) -> int:
         print(f"disasm-compile: error: {e}", file=sys.stderr)
         return 2
     except Exception as e:  # a bug, not a user mistake: short message, traceback on request
+        if _caused_by_interrupt(e):  # e.g. Ctrl-C inside a compiled module's import: pybind11 makes it ImportError
+            raise KeyboardInterrupt from e
         if args.verbose:
             traceback.print_exc()
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
@@ -257,6 +259,15 @@ def _run(args: argparse.Namespace) -> int:
         print(f"disasm-compile: interrupted after the results were written to {report['out_dir']}", file=sys.stderr)
         return 130
     return 0
+
+
+def _caused_by_interrupt(error: BaseException) -> bool:
+    seen = error
+    while seen is not None:
+        if isinstance(seen, KeyboardInterrupt):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
 
 
 if __name__ == "__main__":

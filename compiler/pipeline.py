@@ -456,6 +456,7 @@ class _Images:
     masks: np.ndarray | None  # ground truth of the judged images
     source: str               # which images are judged, in a sentence
     skipped: list[Path]       # unreadable files, skipped
+    judged_in_calibration: int = 0  # judged images that are also calibration images (same bytes)
 
 
 def _images(request: Request, model: Model, size: tuple[int, int] | None) -> _Images:
@@ -468,16 +469,18 @@ def _images(request: Request, model: Model, size: tuple[int, int] | None) -> _Im
         evaluation = scan_images(request.eval_images, request.recursive, size)
         _warn_skipped(evaluation)
         masks = load_masks(request.masks, evaluation, size, len(model.classes)) if request.masks else None
+        same = _same_files(calib.paths, evaluation.paths)
+        overlap = f", {same} of them also calibration images (fidelity on them is optimistic)" if same else ""
         return _Images(calib.paths, preprocess(pixels, model.preprocessing), evaluation.paths,
                        preprocess(load_images(evaluation.paths, size, request.resize), model.preprocessing), masks,
-                       f"{len(evaluation.paths)} images of --eval-images {request.eval_images}",
-                       [p for p, _ in calib.skipped + evaluation.skipped])
+                       f"{len(evaluation.paths)} images of --eval-images {request.eval_images}{overlap}",
+                       [p for p, _ in calib.skipped + evaluation.skipped], same)
     masks = load_masks(request.masks, calib, size, len(model.classes)) if request.masks else None
     inputs = preprocess(pixels, model.preprocessing)
     if len(calib.paths) < 2:
         return _Images(calib.paths, inputs, calib.paths, inputs, masks,
                        "the only calibration image, since no --eval-images were given: it is not held out, so the "
-                       "fidelity is optimistic", [p for p, _ in calib.skipped])
+                       "fidelity is optimistic", [p for p, _ in calib.skipped], 1)
     held = np.zeros(len(calib.paths), bool)
     held[HOLD_OUT_EVERY - 1::HOLD_OUT_EVERY] = True
     held[-1] |= not held.any()
@@ -486,6 +489,12 @@ def _images(request: Request, model: Model, size: tuple[int, int] | None) -> _Im
                    None if masks is None else masks[held],
                    f"{int(held.sum())} images held out of --images (every {HOLD_OUT_EVERY}th), not used by "
                    f"attribution or compensation", [p for p, _ in calib.skipped])
+
+
+def _same_files(calibration: list[Path], judged: list[Path]) -> int:
+    """How many judged images have the bytes of a calibration image (a copy under another name counts)."""
+    digests = {hashlib.sha256(p.read_bytes()).hexdigest() for p in calibration}
+    return sum(hashlib.sha256(p.read_bytes()).hexdigest() in digests for p in judged)
 
 
 def _warn_skipped(folder: ImageFolder) -> None:
@@ -704,7 +713,8 @@ def _compile(request: Request, stages: Stages, output: OutputTransaction) -> Rep
                  "baseline": "the full model as loaded (constants folded, one head), same session options"},
         channels=channels_report(analysis, result),
         images={"calibration": len(calib_paths), "judged": len(images.judged), "judged_source": judged,
-                "skipped": len(images.skipped), "skipped_files": [str(p) for p in images.skipped], "size": inputs["size"], "resize": request.resize,
+                "judged_in_calibration": images.judged_in_calibration, "skipped": len(images.skipped),
+                "skipped_files": [str(p) for p in images.skipped], "size": inputs["size"], "resize": request.resize,
                 "masks": images.masks is not None},
         calibration=_calibration_report(model, attribution, request.attribution.tau),
         attribution={"cache_hit": cache_hit, "cache": str(cache_dir) if cache_dir else None,

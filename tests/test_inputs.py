@@ -499,6 +499,21 @@ def test_internal_error_traceback_only_with_verbose(capsys, monkeypatch, data, t
     assert ("Traceback" in err) is verbose
 
 
+def test_an_interrupt_wrapped_in_another_error_is_an_interrupt(capsys, monkeypatch, data, tmp_path):
+    def importing(*args, **kwargs):  # pybind11 turns a Ctrl-C during a module's initialisation into ImportError
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt as e:
+            raise ImportError("initialization failed") from e
+
+    monkeypatch.setattr(pipeline, "analyse", importing)
+    model = save(seg_model(), tmp_path / "m.onnx")
+    assert main(compile_args(model, data, tmp_path / "out")) == 130
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "disasm-compile: interrupted; the output folder was left as it was"]
+    assert not (tmp_path / "out").exists()
+
+
 def test_help_documents_the_input_options_with_examples(capsys):
     assert main(["--help"]) == 0
     text = capsys.readouterr().out

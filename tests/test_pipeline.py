@@ -121,6 +121,14 @@ def test_finetune_trains_each_cut_trial_and_writes_the_trained_weights(tmp_path,
         not np.array_equal(values[t.name], onnx.numpy_helper.to_array(t)) for t in untuned.graph.initializer)
 
 
+def test_the_report_says_when_judged_images_are_calibration_images(tmp_path, scenes, monkeypatch):
+    monkeypatch.setattr(pipeline, "ALPHAS", (0.0,))
+    report = compile_model(_request(tmp_path, scenes, eval_images=scenes / "calib"))
+    assert report.images["judged_in_calibration"] == report.images["judged"] == 8
+    assert "8 of them also calibration images" in report.fidelity["source"]
+    assert compile_model(_request(tmp_path / "b", scenes, force=True)).images["judged_in_calibration"] == 0
+
+
 def _two_head_model(tmp_path: Path) -> Path:
     model = seg_model()
     graph = model.graph

@@ -344,8 +344,6 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 """
 
 
-@pytest.mark.xfail(strict=True, reason="cli.py installs its SIGINT handler only in main(), after its own imports "
-                                       "(about 0.1 s): see the change proposed for issue 11")
 @pytest.mark.skipif(not SCRIPT.exists(), reason="console script not installed")
 def test_sigint_while_the_command_line_module_is_imported(inputs, earlier_copy, tmp_path):
     before = snapshot(earlier_copy)
