@@ -35,8 +35,8 @@ from disasm.attribution.cache import CacheKey, images_digest
 from disasm.attribution.calibration import cache_keys, calibrate
 from disasm.attribution.compensate import METHODS as COMPENSATIONS
 from disasm.attribution.compensate import consumer_losses, lsq_compensation, mean_compensation
-from disasm.attribution.refit import sequential_compensation
 from disasm.attribution.disassembler import Attribution, AttributionSettings
+from disasm.attribution.refit import sequential_compensation
 from disasm.attribution.select import GroupChoice, SelectionSettings, group_scores, select_channels, select_with_budget
 from disasm.compiler.channels import ChannelAnalysis, analyse
 from disasm.compiler.cost import model_cost
@@ -651,8 +651,8 @@ def _compile(request: Request, stages: Stages, output: OutputTransaction) -> Rep
               file=sys.stderr)
     settings = {"attribution": attribution_settings.to_dict(), "selection": request.selection.to_dict(),
                 "criterion": request.criterion, "compensation": request.compensate, "finetune": request.finetune,
-                "categories": categories,
-                "others": request.others, "min_fidelity": request.min_fidelity, "input": inputs}
+                "categories": categories, "others": request.others, "min_fidelity": request.min_fidelity,
+                "input": inputs}
 
     input_shape = (1, *[d if d else 0 for d in model.input_shape[1:]])
     if 0 in input_shape:
