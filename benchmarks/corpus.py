@@ -35,11 +35,11 @@ def _linked(folder: Path, paths: list[Path]) -> Path:
     return folder
 
 
-def corpus_request(entry: dict, work: Path) -> Request:
-    calibration, judged = split_images(CORPUS / entry["images"])
-    model = load_corpus_model(CORPUS, entry)  # the loader reads the same flags disasm-compile would
+def corpus_request(entry: dict, work: Path, corpus: Path = CORPUS) -> Request:
+    calibration, judged = split_images(corpus / entry["images"])
+    model = load_corpus_model(corpus, entry)  # the loader reads the same flags disasm-compile would
     labels = head_and_labels(entry)[1]
-    return Request(model=CORPUS / entry["model"], categories=",".join(entry["categories"][0]),
+    return Request(model=corpus / entry["model"], categories=",".join(entry["categories"][0]),
                    images=_linked(work / "calibration", calibration), eval_images=_linked(work / "judged", judged),
                    labels=",".join(labels), overrides=corpus_overrides(entry), out=work / "out",
                    input_size=None if model.image_size else flag(entry, "--input-size"), no_cache=True,

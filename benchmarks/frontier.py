@@ -38,7 +38,6 @@ from typing import Any
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import torch
 
 from disasm.attribution import cache as attribution_cache
@@ -59,6 +58,7 @@ from disasm.compiler.outputs import add_output_head, plan_outputs
 from disasm.compiler.pipeline import ALPHAS, MIN_FIDELITY, class_output_blocker, parse_categories
 from disasm.compiler.prune import prune
 from disasm.runtime.fidelity import evaluate_fidelity
+from disasm.runtime.onnxrt import OnnxRuntimeRunner
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -123,13 +123,6 @@ class Bench:
         raise ValueError("not a judged image")
 
 
-def _session(proto: onnx.ModelProto, threads: int | None) -> ort.InferenceSession:
-    options = ort.SessionOptions()
-    if threads:
-        options.intra_op_num_threads = threads
-    return ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
-
-
 def load_bench(name: str, cache: Path, threads: int | None) -> Bench:
     if name == EXAMPLE:
         model = load_model(ROOT / "examples" / "shapes_seg.onnx")
@@ -161,8 +154,8 @@ def load_bench(name: str, cache: Path, threads: int | None) -> Bench:
         attribution_cache.save(cache, key, attribution)
         write_atomic(timing, f"{time.perf_counter() - start:.1f}\n".encode())
     seconds = float(timing.read_text()) if timing.exists() else float("nan")
-    session = _session(model.proto, threads)
-    outputs = [session.run(None, {model.input_name: judged[i:i + 1]})[0] for i in range(len(judged))]
+    with OnnxRuntimeRunner(model.proto.SerializeToString(), threads=threads or None) as runner:
+        outputs = [runner.infer({model.input_name: judged[i:i + 1]})[0] for i in range(len(judged))]
     input_shape = (1, *judged.shape[1:])
     return Bench(name, model, analysis, categories, calibration, judged, masks, attribution, seconds, outputs,
                  input_shape, model_cost(model.proto, input_shape).macs, batch, threads)
@@ -226,9 +219,9 @@ def trial(bench: Bench, method: Method, setting: float, cut: bool = True) -> Tri
         return bench.trials[(method.name, setting)]
     start = time.perf_counter()
     pruned, plan, levels = specialise(bench, method, setting, cut)
-    session = _session(pruned, bench.threads)
+    runner = OnnxRuntimeRunner(pruned.SerializeToString(), threads=bench.threads or None)
     name = bench.model.input_name
-    fidelity = evaluate_fidelity(bench.full, lambda x: session.run(None, {name: x})[0], bench.judged, bench.masks,
+    fidelity = evaluate_fidelity(bench.full, lambda x: runner.infer({name: x})[0], bench.judged, bench.masks,
                                  bench.model.classes, list(plan.names), plan.none, bench.model.output_kind, plan.mode,
                                  class_axis=bench.model.class_axis)
     ratio = model_cost(pruned, bench.input_shape).macs / bench.full_macs

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Mapping
 
 import numpy as np
 import onnxruntime as ort
+
+from disasm.runtime.runner import InputSpec, Runner
 
 #: Allowed values of `optimization`, mapped to ONNX Runtime's graph optimization levels.
 OPTIMIZATION_LEVELS: dict[str, ort.GraphOptimizationLevel] = {
@@ -37,8 +38,8 @@ _ORT_TYPE_TO_NUMPY: dict[str, np.dtype] = {
 _QUIET_LOG_SEVERITY = 3  # 0 verbose, 1 info, 2 warning, 3 error, 4 fatal
 
 
-class OnnxRuntimeRunner:
-    """CPU EP session for one model (path or serialized bytes).
+class OnnxRuntimeRunner(Runner):
+    """CPU EP session for one model (path or serialized bytes); feeds are checked by `disasm.runtime.runner`.
 
     Args:
         model: Path to an ONNX file, or the serialized model bytes. A model with external data (`model.onnx.data`)
@@ -81,15 +82,12 @@ class OnnxRuntimeRunner:
         except Exception as error:  # ONNX Runtime's own types (InvalidProtobuf, Fail, ...); keep them, add context.
             error.add_note(f"while creating an ONNX Runtime session for {self.model_description}")
             raise
+        self.description = self.model_description
         self.threads = threads
         self.optimization = optimization
         self.spinning = spinning
-        self._inputs = {arg.name: arg for arg in self._session.get_inputs()}
-        self.input_names: list[str] = list(self._inputs)
-        self.input_name: str = self.input_names[0]
+        self.inputs = tuple(_input_spec(arg) for arg in self._session.get_inputs())
         self.output_names: list[str] = [arg.name for arg in self._session.get_outputs()]
-        #: Wall time of the latest `infer` call in milliseconds (session run only, feed checks excluded).
-        self.last_inference_ms: float | None = None
 
     @property
     def conditions(self) -> dict[str, object]:
@@ -99,62 +97,20 @@ class OnnxRuntimeRunner:
                 "intra_op_threads": self.threads, "inter_op_threads": 1, "execution_mode": "sequential",
                 "optimization": self.optimization, "spinning": self.spinning}
 
-    def infer(self, feed: np.ndarray | dict[str, np.ndarray]) -> list[np.ndarray]:
-        """Run the model once and return its outputs in `output_names` order.
-
-        Args:
-            feed: The input array (models with one input), or a dict from input name to array.
-        """
-        if self._session is None:
-            raise RuntimeError(f"{self.name}: the session for {self.model_description} is closed; create a new runner")
-        feed_dict = self._feed_dict(feed)
-        for name, array in feed_dict.items():
-            _check_input(self._inputs[name], array)
+    def _infer(self, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
         start = time.perf_counter_ns()
-        outputs = self._session.run(self.output_names, feed_dict)
+        outputs = self._session.run(self.output_names, feed)
         self.last_inference_ms = (time.perf_counter_ns() - start) / 1e6
         return outputs
 
-    def close(self) -> None:
-        """Release the session. `infer` fails afterwards."""
+    def _release(self) -> None:
         self._session = None
-
-    def __enter__(self) -> OnnxRuntimeRunner:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
 
     def __repr__(self) -> str:
         return (
             f"OnnxRuntimeRunner({self.model_description}, threads={self.threads}, "
             f"optimization={self.optimization!r}, spinning={self.spinning}, providers={self.providers})"
         )
-
-    def _feed_dict(self, feed: np.ndarray | Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        if isinstance(feed, np.ndarray):
-            if len(self.input_names) != 1:
-                raise ValueError(
-                    f"{self.name}: the model has {len(self.input_names)} inputs ({', '.join(self.input_names)}); "
-                    "pass a dict from input name to array"
-                )
-            return {self.input_name: feed}
-        if not isinstance(feed, Mapping):
-            raise ValueError(
-                f"{self.name}: feed must be a numpy array or a dict from input name to array, "
-                f"got {type(feed).__name__}"
-            )
-        missing = [name for name in self.input_names if name not in feed]
-        unknown = [name for name in feed if name not in self._inputs]
-        if missing or unknown:
-            raise ValueError(
-                f"{self.name}: feed names do not match the model's inputs: missing {missing}, unknown {unknown}; "
-                f"expected {self.input_names}"
-            )
-        not_arrays = [name for name, value in feed.items() if not isinstance(value, np.ndarray)]
-        if not_arrays:
-            raise ValueError(f"{self.name}: feed values must be numpy arrays; not arrays: {not_arrays}")
-        return dict(feed)
 
 
 def _describe_model(model: object) -> str:
@@ -199,18 +155,8 @@ def _pick_providers(available: list[str]) -> list[str]:
     return providers
 
 
-def _check_input(arg: ort.NodeArg, array: np.ndarray) -> None:
-    """Fail with the input's name, expected and actual type/shape before ONNX Runtime fails with less context."""
-    expected_dtype = _ORT_TYPE_TO_NUMPY.get(arg.type.removeprefix("tensor(").removesuffix(")"))
-    if expected_dtype is not None and array.dtype != expected_dtype:
-        raise ValueError(
-            f"input {arg.name!r}: expected dtype {expected_dtype}, got {array.dtype}; "
-            f"convert with .astype(np.{expected_dtype})"
-        )
-    shape = arg.shape
-    if shape is None:
-        return
-    fixed_dims_match = all(not isinstance(dim, int) or dim == actual for dim, actual in zip(shape, array.shape))
-    if len(shape) != array.ndim or not fixed_dims_match:
-        expected = "[" + ", ".join(str(dim) if isinstance(dim, int) else "?" for dim in shape) + "]"
-        raise ValueError(f"input {arg.name!r}: expected shape {expected}, got {list(array.shape)}")
+def _input_spec(arg: ort.NodeArg) -> InputSpec:
+    """What ONNX Runtime says about an input: "tensor(float)" -> float32; a symbolic or unknown dimension -> None."""
+    dtype = _ORT_TYPE_TO_NUMPY.get(arg.type.removeprefix("tensor(").removesuffix(")"))
+    shape = None if arg.shape is None else tuple(d if isinstance(d, int) and d > 0 else None for d in arg.shape)
+    return InputSpec(arg.name, shape, dtype)

@@ -31,6 +31,7 @@ import numpy as np
 
 from disasm.compiler.errors import DisasmError
 from disasm.compiler.files import write_atomic
+from disasm.runtime.runner import FeedError, InputSpec, Runner
 
 #: TensorRT modules this backend accepts, in order of preference.
 TRT_MODULES: tuple[str, ...] = ("tensorrt", "tensorrt_rtx")
@@ -181,8 +182,10 @@ def save_engine(path: str | os.PathLike, serialized: bytes) -> Path:
     return path
 
 
-class TensorRTRunner:
-    """Runs one serialized engine on a CUDA GPU; I/O buffers are torch CUDA tensors.
+class TensorRTRunner(Runner):
+    """Runs one serialized engine on a CUDA GPU; I/O buffers are torch CUDA tensors. Feeds are checked by
+    `disasm.runtime.runner` (names, rank, static dimensions, dtype); a shape outside the engine's optimisation profile
+    is caught by TensorRT itself and reported as a FeedError too.
 
     Args:
         engine: A serialized engine (bytes) or the path of an engine file. It must have been built for this GPU's
@@ -199,7 +202,7 @@ class TensorRTRunner:
     def __init__(self, engine: bytes | str | os.PathLike, device: int | None = None):
         trt = _require_module()
         torch = _require_cuda("run a TensorRT engine")
-        self.engine_description = _describe_engine(engine)
+        self.engine_description = self.description = _describe_engine(engine)
         serialized = engine if isinstance(engine, (bytes, bytearray)) else Path(engine).read_bytes()
         self.device = torch.device("cuda", torch.cuda.current_device() if device is None else device)
         self.name = trt.__name__.replace("_", "-")
@@ -208,29 +211,30 @@ class TensorRTRunner:
             self._context = self._engine.create_execution_context()
         names = [self._engine.get_tensor_name(i) for i in range(self._engine.num_io_tensors)]
         is_input = {name: self._engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT for name in names}
-        self.input_names: list[str] = [name for name in names if is_input[name]]
-        self.output_names: list[str] = [name for name in names if not is_input[name]]
         self._dtypes = {name: np.dtype(trt.nptype(self._engine.get_tensor_dtype(name))) for name in names}
+        self.inputs = tuple(InputSpec(name, tuple(d if d >= 0 else None for d in self._engine.get_tensor_shape(name)),
+                                      self._dtypes[name]) for name in names if is_input[name])
+        self.output_names: list[str] = [name for name in names if not is_input[name]]
+        self._module = f"{trt.__name__} {trt.__version__}"
         self._torch = torch
-        #: Wall time of the latest `infer` call in milliseconds (engine execution only, copies excluded).
-        self.last_inference_ms: float | None = None
 
-    def infer(self, feed: np.ndarray | Mapping[str, np.ndarray]) -> list[np.ndarray]:
-        """Run the engine once and return its outputs in `output_names` order, as numpy arrays."""
-        if self._context is None:
-            raise RuntimeError(f"{self.name}: the engine {self.engine_description} is closed; create a new runner")
+    @property
+    def conditions(self) -> dict[str, object]:
+        torch = self._torch
+        major, minor = torch.cuda.get_device_capability(self.device)
+        return {"backend": self.name, "module": self._module, "device": torch.cuda.get_device_name(self.device),
+                "compute_capability": f"sm{major}{minor}",
+                "host_copies": "inside infer (included when infer is timed; last_inference_ms excludes them)"}
+
+    def _infer(self, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
         torch, context = self._torch, self._context
-        feed_dict = _feed_dict(self.name, feed, self.input_names)
         with torch.cuda.device(self.device):
             buffers = {}
-            for name, array in feed_dict.items():
-                if array.dtype != self._dtypes[name]:
-                    raise ValueError(f"input {name!r}: expected dtype {self._dtypes[name]}, got {array.dtype}; "
-                                     f"convert with .astype(np.{self._dtypes[name]})")
+            for name, array in feed.items():
                 buffers[name] = torch.from_numpy(np.ascontiguousarray(array)).to(self.device)
                 if not context.set_input_shape(name, tuple(array.shape)):
-                    raise ValueError(f"input {name!r}: shape {list(array.shape)} is outside the engine's profile "
-                                     f"{list(self._engine.get_tensor_shape(name))}; rebuild with input_shapes")
+                    raise FeedError(f"{self.name}: input {name!r}: shape {list(array.shape)} is outside the engine's "
+                                    f"profile {list(self._engine.get_tensor_shape(name))}; rebuild with input_shapes")
             for name in self.output_names:
                 dtype = torch.from_numpy(np.empty(0, self._dtypes[name])).dtype
                 buffers[name] = torch.empty(tuple(context.get_tensor_shape(name)), dtype=dtype, device=self.device)
@@ -245,17 +249,10 @@ class TensorRTRunner:
             self.last_inference_ms = (time.perf_counter_ns() - start) / 1e6
             return [buffers[name].cpu().numpy() for name in self.output_names]
 
-    def close(self) -> None:
-        """Release the execution context and engine. `infer` fails afterwards."""
+    def _release(self) -> None:
         self._context = None
         self._engine = None
         self._runtime = None
-
-    def __enter__(self) -> TensorRTRunner:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
 
     def __repr__(self) -> str:
         return f"TensorRTRunner({self.engine_description}, device={self.device})"
@@ -517,7 +514,7 @@ def _value(text: str) -> Any:
     return text
 
 
-# --- engines and feeds -----------------------------------------------------------------------------------------------
+# --- engines --------------------------------------------------------------------------------------------------------
 
 def _deserialize(trt: ModuleType, serialized: bytes) -> tuple[Any, Any]:
     """(runtime, engine); keep the runtime referenced as long as the engine."""
@@ -531,24 +528,3 @@ def _deserialize(trt: ModuleType, serialized: bytes) -> tuple[Any, Any]:
             + "); engines run only on the GPU architecture and TensorRT version they were built for"
         )
     return runtime, engine
-
-
-def _feed_dict(runner: str, feed: np.ndarray | Mapping[str, np.ndarray],
-               input_names: list[str]) -> dict[str, np.ndarray]:
-    if isinstance(feed, np.ndarray):
-        if len(input_names) != 1:
-            raise ValueError(f"{runner}: the engine has {len(input_names)} inputs ({', '.join(input_names)}); "
-                             "pass a dict from input name to array")
-        return {input_names[0]: feed}
-    if not isinstance(feed, Mapping):
-        raise ValueError(f"{runner}: feed must be a numpy array or a dict from input name to array, "
-                         f"got {type(feed).__name__}")
-    missing = [name for name in input_names if name not in feed]
-    unknown = [name for name in feed if name not in input_names]
-    if missing or unknown:
-        raise ValueError(f"{runner}: feed names do not match the engine's inputs: missing {missing}, unknown "
-                         f"{unknown}; expected {input_names}")
-    not_arrays = [name for name, value in feed.items() if not isinstance(value, np.ndarray)]
-    if not_arrays:
-        raise ValueError(f"{runner}: feed values must be numpy arrays; not arrays: {not_arrays}")
-    return dict(feed)

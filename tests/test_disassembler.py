@@ -198,6 +198,7 @@ def test_no_observed_tensors_means_no_backward(example, batched):
     np.testing.assert_array_equal(bare.mask_pixels, full.mask_pixels)
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_attribution_equals_cpu(example, monkeypatch):
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # TF32 convs would differ from CPU by ~1e-3
