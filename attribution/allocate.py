@@ -15,8 +15,9 @@ group are still taken best score first, but the number kept is chosen globally:
 - cost: MACs of every Conv/ConvTranspose/Gemm/MatMul scale with the kept fractions of the channels they read and
   write (a grouped conv only with its outputs'), so MACs(keep-sets) is a sum of products of kept fractions
   (`MacModel`), exact for the surgery's cuts.
-- greedy: starting from every group whole, repeatedly make the cut (to any multiple of round_to below the current
-  count) with the least added loss per MAC saved, until the model is at most `macs_target` of the full MACs.
+- greedy: starting from every group whole, repeatedly make the cut (to any multiple of the group's rounding unit,
+  SelectionSettings.unit, below the current count) with the least added loss per MAC saved, until the model is at
+  most `macs_target` of the full MACs.
 
 Groups read by any consumer without moments (a grouped conv, a Gemm, a MatMul, a conv too large for moments) have no
 measured loss: cutting them can cost anything downstream. They stay whole (or, when asked, keep the count the
@@ -186,12 +187,11 @@ def allocate(model: onnx.ModelProto, analysis: ChannelAnalysis, attribution: Att
             keep_sets[g] = threshold_keep[g]
     state = _MacState(macs, analysis, keep_sets)
     counts = {g: analysis.groups[g].size for g in measured}
-    step = settings.round_to
     current = macs.macs(analysis, keep_sets)
     while current > macs_target * macs.total:
         best = None
         for g in measured:
-            k = counts[g]
+            k, step = counts[g], settings.unit(analysis.groups[g].size)
             ks = np.arange(step, k, step) if k > step else np.zeros(0, np.int64)
             if ks.size == 0:
                 continue
@@ -205,6 +205,7 @@ def allocate(model: onnx.ModelProto, analysis: ChannelAnalysis, attribution: Att
         if best is None:
             break
         _, g, k = best
+        step = settings.unit(analysis.groups[g].size)
         slope = state.saved(g, np.sort(order[g][:k])) / (counts[g] - k)
         needed = int(np.ceil((current - macs_target * macs.total) / slope / step)) * step  # do not overshoot
         k = max(k, counts[g] - needed)

@@ -20,7 +20,7 @@ class SelectionSettings:
     alpha: float = 0.1        # keep channel c if its normalised score (prod: P*R; and: P) exceeds alpha
     beta: float = 0.2         # threshold on the normalised backward vector R, for the 'and' rule
     rule: str = "prod"        # prod: P*R > alpha;  and: P > alpha and R > beta (each normalised by its max)
-    round_to: int = 8         # kept counts: multiples of this where the group size is one (FP16 tensor cores want 8)
+    round_to: int | None = None  # kept counts: multiples of this where the group size is one; None: auto (unit)
     last_n: int | None = None  # only groups within this many convs of the output are cut (None: all)
     keep_ratio: float | None = None  # per-group budget: keep this fraction of every cut group, best scores first,
     #                                  instead of the alpha threshold (which lets kept counts differ per group)
@@ -30,7 +30,7 @@ class SelectionSettings:
             raise DisasmError(f"combination rule {self.rule!r} unknown; choose one of {', '.join(RULES)}")
         if not 0.0 <= self.alpha < 1.0 or not 0.0 <= self.beta < 1.0:
             raise DisasmError(f"alpha and beta must be in [0, 1), got {self.alpha} and {self.beta}")
-        if self.round_to < 1:
+        if self.round_to is not None and self.round_to < 1:
             raise DisasmError(f"round-to must be >= 1, got {self.round_to}")
         if self.last_n is not None and self.last_n < 1:
             raise DisasmError(f"last-n must be >= 1, got {self.last_n}")
@@ -39,6 +39,17 @@ class SelectionSettings:
 
     def to_dict(self) -> dict[str, object]:
         return asdict(self)
+
+    def unit(self, size: int) -> int:
+        """Kept counts of a group of `size` channels are multiples of this. Auto (round_to None), measured in
+        benchmarks/results/latency.md: 8 where the size is a multiple of 8 (TensorRT FP16's channel vectors; ONNX
+        Runtime CPU was as fast at 8 as at 4, and 16 was never faster), else 4 where it is a multiple of 4 (fewer
+        sends ONNX Runtime's conv to its plain kernel: 3-81 such convs cost the corpus models 0.46-0.94x of the
+        8-rounded speed), else 1: the full model already runs that group off the blocks, so any count costs no
+        layout change. A given round_to: its multiples where the size is one, else 1."""
+        if self.round_to is not None:
+            return self.round_to if size % self.round_to == 0 else 1
+        return next(u for u in (8, 4, 1) if size % u == 0)
 
 
 @dataclass(frozen=True)
@@ -129,9 +140,7 @@ def select_with_budget(scores: dict[int, np.ndarray], choices: list[GroupChoice]
 def select_channels(analysis: ChannelAnalysis, scores: dict[int, np.ndarray], settings: SelectionSettings,
                     class_keep: np.ndarray) -> tuple[dict[int, np.ndarray], list[GroupChoice]]:
     """Keep-sets per group: channels scoring above alpha (or the keep_ratio best), rounded up to a multiple of
-    round_to with the next best. A group whose size is not itself a multiple of round_to is not rounded: the full
-    model already runs it off the backend's channel blocks, so any count costs no layout change (SINet's groups of
-    12 could otherwise only stay whole or lose a third)."""
+    the group's unit (SelectionSettings.unit) with the next best."""
     keep_sets: dict[int, np.ndarray] = {}
     choices: list[GroupChoice] = []
     for group in analysis.groups:
@@ -158,7 +167,7 @@ def select_channels(analysis: ChannelAnalysis, scores: dict[int, np.ndarray], se
             wanted = int((s > settings.alpha).sum())
         else:
             wanted = int(np.ceil(settings.keep_ratio * group.size))
-        unit = settings.round_to if group.size % settings.round_to == 0 else 1
+        unit = settings.unit(group.size)
         total = min(group.size, max(unit, -(-wanted // unit) * unit))
         order = np.lexsort((np.arange(group.size), -s))  # best first; ties by index keep the result deterministic
         keep = np.sort(order[:total])

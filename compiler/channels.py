@@ -589,8 +589,7 @@ def _depthwise_conv(ctx: _Context, index: int, node: gs.Node, spec: ConvSpec, lx
     multiplier = spec.out_channels // spec.group
     mine = repeat_each(lx, multiplier)
     ctx.edits.append(Edit(index, "slice", lx if spec.transpose else mine, input=1, axis=0))
-    if spec.bias is not None:
-        ctx.edits.append(Edit(index, "slice", mine, input=2, axis=0))
+    ctx.edits.append(Edit(index, "slice", mine, input=2, axis=0))  # even without a bias, as _dense_conv
     ctx.edits.append(Edit(index, "group", lx))
     ctx.layout[node.outputs[0].name] = mine
 

@@ -49,7 +49,7 @@ RESIZE_POLICIES = ("stretch", "none")                               # compiler.i
 ALPHAS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5)  # compiler.pipeline.ALPHAS
 MIN_FIDELITY = 0.9                                                  # compiler.pipeline.MIN_FIDELITY
 ATTRIBUTION_DEFAULTS = {"tau": 0.8, "gradient": "positive", "target": "logit", "batch_size": 8}  # AttributionSettings
-SELECTION_DEFAULTS = {"alpha": 0.1, "beta": 0.2, "rule": "prod", "round_to": 8}  # attribution.select.SelectionSettings
+SELECTION_DEFAULTS = {"alpha": 0.1, "beta": 0.2, "rule": "prod", "round_to": None}  # select.SelectionSettings
 
 
 def _int_at_least(minimum: int):
@@ -66,6 +66,11 @@ def _int_at_least(minimum: int):
 
 
 _positive_int, _non_negative_int = _int_at_least(1), _int_at_least(0)
+
+
+def _round_to(text: str) -> int | None:
+    """argparse type: 'auto' (None) or an integer >= 1."""
+    return None if text.strip().lower() == "auto" else _positive_int(text)
 
 
 def _device(text: str) -> str:
@@ -151,7 +156,10 @@ def build_parser() -> argparse.ArgumentParser:
                     f"normalised score exceeds alpha (default: searched over {', '.join(map(str, ALPHAS))})")
     se.add_argument("--beta", type=float, default=SELECTION_DEFAULTS["beta"], help="backward threshold of the 'and' rule (default %(default)s)")
     se.add_argument("--rule", default=SELECTION_DEFAULTS["rule"], help="combination of the two vectors: prod or and (default %(default)s)")
-    se.add_argument("--round-to", type=int, default=SELECTION_DEFAULTS["round_to"], help="keep a multiple of this many channels per group (default %(default)s)")
+    se.add_argument("--round-to", type=_round_to, default=SELECTION_DEFAULTS["round_to"], metavar="auto|N",
+                    help="kept channel counts per group: multiples of N where the group size is one; auto: 8 where the "
+                         "size is a multiple of 8 (TensorRT FP16), else 4 where it is a multiple of 4 (ONNX Runtime CPU's "
+                         "blocked convs), else any count (default auto)"),
     se.add_argument("--last-n", type=int, default=None, help="cut only groups within N convs of the output (default: all)")
     se.add_argument("--keep-ratio", type=float, default=None,
                     help="fix the budget by hand: keep this fraction of every cut group by score")

@@ -41,6 +41,23 @@ def test_threshold_keeps_high_scores_rounded_up_to_round_to(analysis):
     np.testing.assert_array_equal(keep[analysis.class_group], [0, 2])
 
 
+def test_auto_rounding_follows_the_group_size():
+    auto = SelectionSettings()
+    assert [auto.unit(n) for n in (24, 12, 9, 131, 64, 36)] == [8, 4, 1, 1, 8, 4]
+    assert [SelectionSettings(round_to=16).unit(n) for n in (32, 24)] == [16, 1]
+
+
+def test_auto_rounded_counts_are_multiples_of_each_groups_unit(analysis):
+    settings = SelectionSettings(alpha=0.5)
+    scores = scores_for(analysis, 3)
+    _, choices = select_channels(analysis, scores, settings, np.array([0, 2]))
+    cut = [c for c in choices if not c.reason]
+    assert {settings.unit(c.size) for c in cut} == {4, 8}  # a group of 12 and multiples of 8
+    for c in cut:
+        assert c.total % settings.unit(c.size) == 0 or c.total == c.size
+        assert c.total - c.padded == c.kept and c.padded <= settings.unit(c.size)
+
+
 def test_keep_ratio_is_a_per_group_budget(analysis):
     scores = scores_for(analysis)
     keep, choices = select_channels(analysis, scores, SelectionSettings(keep_ratio=0.25, round_to=1), np.array([0]))
