@@ -157,9 +157,9 @@ def build_parser() -> argparse.ArgumentParser:
     se.add_argument("--beta", type=float, default=SELECTION_DEFAULTS["beta"], help="backward threshold of the 'and' rule (default %(default)s)")
     se.add_argument("--rule", default=SELECTION_DEFAULTS["rule"], help="combination of the two vectors: prod or and (default %(default)s)")
     se.add_argument("--round-to", type=_round_to, default=SELECTION_DEFAULTS["round_to"], metavar="auto|N",
-                    help="kept channel counts per group: multiples of N where the group size is one; auto: 8 where the "
-                         "size is a multiple of 8 (TensorRT FP16), else 4 where it is a multiple of 4 (ONNX Runtime CPU's "
-                         "blocked convs), else any count (default auto)"),
+                    help="kept channel counts per group: multiples of N where the group size is one; auto: 8 where "
+                         "the size is a multiple of 8 (TensorRT FP16), else 4 where it is a multiple of 4 (ONNX "
+                         "Runtime CPU's blocked convs), else any count (default auto)")
     se.add_argument("--last-n", type=int, default=None, help="cut only groups within N convs of the output (default: all)")
     se.add_argument("--keep-ratio", type=float, default=None,
                     help="fix the budget by hand: keep this fraction of every cut group by score")

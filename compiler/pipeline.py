@@ -317,7 +317,7 @@ def channels_report(analysis: ChannelAnalysis, result: Specialised) -> dict[str,
             "kept": sum(c.total for c in choices), "per_group": per_group}
 
 
-def compile_engines(model: Model, full: onnx.ModelProto, pruned_path: Path, out: Path, target: str | None,
+def compile_engines(model: Model, full_path: Path, pruned_path: Path, out: Path, target: str | None,
                     input_shape: tuple[int, ...]) -> dict[str, Any]:
     """engines/{full,pruned}.{fp32,fp16}.engine with what the builds say: weights, layers, build time. The target is
     the local GPU, else (TensorRT for RTX, no GPU) SM86 ahead of time."""
@@ -327,21 +327,15 @@ def compile_engines(model: Model, full: onnx.ModelProto, pruned_path: Path, out:
         target = "sm86"
     shapes = {model.input_name: input_shape}
     builds: dict[str, Any] = {"target": target or "local GPU", "module": trt_module().__name__}
-    full_path = out / ".full.onnx"  # the full model as loaded (folded, one head): like for like with the pruned one
-    write_onnx(full, full_path, external_data=bool(model.external_data))
-    try:
-        for precision in ("fp32", "fp16"):
-            for name, source in (("full", full_path), ("pruned", pruned_path)):
-                with deferred_interrupts():  # raised in TensorRT's logger, a Ctrl-C is printed and swallowed
-                    build = build_engine(source, target, fp16=precision == "fp16", input_shapes=shapes)
-                raise_if_interrupted()  # so it is only recorded during the build, and raised after it
-                save_engine(out / "engines" / f"{name}.{precision}.engine", build.serialized)
-                builds[f"{name}.{precision}"] = {"build_seconds": round(build.build_seconds, 3),
-                                                 "bytes": build.size_bytes, "weight_bytes": build.weight_bytes,
-                                                 "layers": build.layer_count}
-    finally:
-        full_path.unlink(missing_ok=True)
-        full_path.with_name(full_path.name + ".data").unlink(missing_ok=True)
+    for precision in ("fp32", "fp16"):
+        for name, source in (("full", full_path), ("pruned", pruned_path)):
+            with deferred_interrupts():  # raised in TensorRT's logger, a Ctrl-C is printed and swallowed
+                build = build_engine(source, target, fp16=precision == "fp16", input_shapes=shapes)
+            raise_if_interrupted()  # so it is only recorded during the build, and raised after it
+            save_engine(out / "engines" / f"{name}.{precision}.engine", build.serialized)
+            builds[f"{name}.{precision}"] = {"build_seconds": round(build.build_seconds, 3),
+                                             "bytes": build.size_bytes, "weight_bytes": build.weight_bytes,
+                                             "layers": build.layer_count}
     builds["latency"] = "built only: running them needs a GPU of the engine's architecture" \
         if not torch.cuda.is_available() else "not measured by this version"
     return builds
@@ -657,8 +651,11 @@ def _compile(request: Request, stages: Stages, output: OutputTransaction) -> Rep
     input_shape = (1, *[d if d else 0 for d in model.input_shape[1:]])
     if 0 in input_shape:
         input_shape = (1, *judged_inputs.shape[1:])
-    full_runner = OnnxRuntimeRunner(model.proto.SerializeToString() if not model.external_data else model.path,
-                                    threads=request.threads, spinning=False)
+    # The full model as loaded (folded, one head), like for like with the pruned one, in a file beside it: TensorRT
+    # and ONNX Runtime with external data read files. Removed before the output set is committed.
+    full_path = staged / ".full.onnx"
+    write_onnx(model.proto, full_path, external_data=bool(model.external_data))
+    full_runner = OnnxRuntimeRunner(full_path, threads=request.threads, spinning=False)
     with stages.stage("full model", len(judged_inputs)) as progress:
         outputs = []
         for i in range(len(judged_inputs)):
@@ -684,12 +681,14 @@ def _compile(request: Request, stages: Stages, output: OutputTransaction) -> Rep
     engines = None
     if trt_available() and request.engines:
         with stages.stage("engines"):
-            engines = compile_engines(model, model.proto, staged / "pruned.onnx", staged, request.trt_target,
+            engines = compile_engines(model, full_path, staged / "pruned.onnx", staged, request.trt_target,
                                       input_shape)
     with stages.stage("latency", request.runs) as progress:
         sample = judged_inputs[:1]
         stats = measure_latency({"full": lambda: full_runner.infer(sample),
                                  "pruned": lambda: pruned_runner.infer(sample)}, runs=request.runs, progress=progress)
+    for loaded in (full_path, full_path.with_name(full_path.name + ".data")):
+        loaded.unlink(missing_ok=True)  # the sessions hold what they read
     return Report(
         model={"path": str(request.model), "sha256": model.sha256, "classes": list(model.classes),
                "background": model.background, "labels_source": model.labels_source, "input_shape": list(input_shape),
@@ -710,7 +709,8 @@ def _compile(request: Request, stages: Stages, output: OutputTransaction) -> Rep
               "macs_ratio": cost_pruned.macs / cost_full.macs, "params_ratio": cost_pruned.params / cost_full.params},
         latency={"backend": full_runner.name, "runs": request.runs, "full": asdict(stats["full"]),
                  "pruned": asdict(stats["pruned"]), "speedup": speedup(stats["full"], stats["pruned"]),
-                 "baseline": "the full model as loaded (constants folded, one head), same session options"},
+                 "baseline": "the full model as loaded (constants folded, subnormal weights zeroed, one head), "
+                             "re-saved, same session options"},
         channels=channels_report(analysis, result),
         images={"calibration": len(calib_paths), "judged": len(images.judged), "judged_source": judged,
                 "judged_in_calibration": images.judged_in_calibration, "skipped": len(images.skipped),
