@@ -8,11 +8,15 @@ from __future__ import annotations
 
 import os
 import time
+from typing import TYPE_CHECKING
 
 import numpy as np
 import onnxruntime as ort
 
-from disasm.runtime.runner import InputSpec, Runner
+from disasm.runtime.runner import InputSpec, Runner, describe_model
+
+if TYPE_CHECKING:
+    import onnx
 
 #: Allowed values of `optimization`, mapped to ONNX Runtime's graph optimization levels.
 OPTIMIZATION_LEVELS: dict[str, ort.GraphOptimizationLevel] = {
@@ -42,8 +46,8 @@ class OnnxRuntimeRunner(Runner):
     """CPU EP session for one model (path or serialized bytes); feeds are checked by `disasm.runtime.runner`.
 
     Args:
-        model: Path to an ONNX file, or the serialized model bytes. A model with external data (`model.onnx.data`)
-            must be given by path, so ONNX Runtime can find the data next to it.
+        model: Path to an ONNX file, the serialized model bytes, or an onnx.ModelProto. A model with external data
+            (`model.onnx.data`) must be given by path, so ONNX Runtime can find the data next to it.
         threads: Intra-op threads. Defaults to ONNX Runtime's choice (one per physical core). Set it explicitly
             when comparing latencies, so both models run under the same conditions. Inter-op threads are always 1
             and execution is sequential.
@@ -66,15 +70,18 @@ class OnnxRuntimeRunner(Runner):
 
     def __init__(
         self,
-        model: str | os.PathLike | bytes,
+        model: str | os.PathLike | bytes | onnx.ModelProto,
         threads: int | None = None,
         optimization: str = "all",
         spinning: bool | None = None,
     ):
-        self.model_description = _describe_model(model)
+        self.model_description = describe_model(model)
         options = _session_options(threads, optimization, spinning)
         self.providers: list[str] = _pick_providers(ort.get_available_providers())
-        source = bytes(model) if isinstance(model, (bytes, bytearray)) else os.fspath(model)
+        if hasattr(model, "SerializeToString"):  # an in-memory onnx.ModelProto (weights inside it)
+            source = model.SerializeToString()
+        else:
+            source = bytes(model) if isinstance(model, (bytes, bytearray)) else os.fspath(model)
         try:
             self._session: ort.InferenceSession | None = ort.InferenceSession(
                 source, sess_options=options, providers=self.providers
@@ -111,17 +118,6 @@ class OnnxRuntimeRunner(Runner):
             f"OnnxRuntimeRunner({self.model_description}, threads={self.threads}, "
             f"optimization={self.optimization!r}, spinning={self.spinning}, providers={self.providers})"
         )
-
-
-def _describe_model(model: object) -> str:
-    if isinstance(model, (bytes, bytearray)):
-        return f"<{len(model)} bytes of ONNX>"
-    if isinstance(model, (str, os.PathLike)):
-        path = os.fspath(model)
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"ONNX model not found: {path}")
-        return repr(path)
-    raise ValueError(f"model must be a path or serialized ONNX bytes, got {type(model).__name__}")
 
 
 def _session_options(threads: int | None, optimization: str, spinning: bool | None = None) -> ort.SessionOptions:

@@ -16,6 +16,7 @@ does not fit is a `FeedError` with one line naming the runner, the input, what w
 
 from __future__ import annotations
 
+import os
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -175,3 +176,17 @@ class Runner(ABC):
 
 
 __all__ = ["Feed", "FeedError", "InputSpec", "Runner", "check_feed"]
+
+
+def describe_model(model: object) -> str:
+    """How a runner names its model in messages: a path (which must exist), bytes, or an in-memory ModelProto."""
+    if hasattr(model, "graph") and hasattr(model, "SerializeToString"):  # onnx.ModelProto, without importing onnx
+        return f"<ONNX model {model.graph.name or 'graph'!r}>"
+    if isinstance(model, (bytes, bytearray)):
+        return f"<{len(model)} bytes of ONNX>"
+    if isinstance(model, (str, os.PathLike)):
+        path = os.fspath(model)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"ONNX model not found: {path}")
+        return repr(path)
+    raise ValueError(f"model must be a path, serialized ONNX bytes or an onnx.ModelProto, got {type(model).__name__}")

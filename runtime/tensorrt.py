@@ -31,7 +31,7 @@ import numpy as np
 
 from disasm.compiler.errors import DisasmError
 from disasm.compiler.files import write_atomic
-from disasm.runtime.runner import FeedError, InputSpec, Runner
+from disasm.runtime.runner import FeedError, InputSpec, Runner, describe_model
 
 #: TensorRT modules this backend accepts, in order of preference.
 TRT_MODULES: tuple[str, ...] = ("tensorrt", "tensorrt_rtx")
@@ -129,7 +129,7 @@ def build_engine(
     builder = trt.Builder(logger)
     network = builder.create_network(_network_flags(trt))
     parser = trt.OnnxParser(network, logger)
-    _parse(parser, data, path, _describe_model(model), logger)
+    _parse(parser, data, path, describe_model(model), logger)
     logger.phase = "builder"
     config = builder.create_builder_config()
     _set_target(trt, config, target)
@@ -141,7 +141,7 @@ def build_engine(
     serialized = builder.build_serialized_network(network, config)
     build_seconds = time.perf_counter() - start
     if serialized is None:
-        raise TensorRTError(f"TensorRT could not build an engine for {_describe_model(model)} ({target}): "
+        raise TensorRTError(f"TensorRT could not build an engine for {describe_model(model)} ({target}): "
                             + ("; ".join(logger.errors) or "no error was logged"))
     engine_bytes = bytes(serialized)
     layers = _layers_from_builder_log(logger.layer_report)
@@ -328,12 +328,6 @@ def _network_flags(trt: ModuleType) -> int:
 
 
 # --- ONNX in ---------------------------------------------------------------------------------------------------------
-
-def _describe_model(model: object) -> str:
-    if isinstance(model, (bytes, bytearray)):
-        return f"<{len(model)} bytes of ONNX>"
-    return repr(os.fspath(model))
-
 
 def _describe_engine(engine: object) -> str:
     if isinstance(engine, (bytes, bytearray)):

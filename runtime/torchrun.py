@@ -29,7 +29,7 @@ from onnx import helper
 
 from disasm.attribution.interpreter import TorchGraph
 from disasm.compiler.errors import DisasmError
-from disasm.runtime.runner import Feed, InputSpec, Runner, check_feed
+from disasm.runtime.runner import Feed, InputSpec, Runner, check_feed, describe_model
 
 #: Eager runs on a side stream before a CUDA graph is captured (cuDNN picks its algorithms, allocations settle).
 CAPTURE_WARMUP = 3
@@ -65,7 +65,7 @@ class TorchRunner(Runner):
 
     def __init__(self, model: str | os.PathLike | bytes | onnx.ModelProto, device: str | torch.device = "cpu",
                  fp16: bool = False, cuda_graphs: bool | None = None):
-        self.description = _describe_model(model)
+        self.description = describe_model(model)
         self.device = _checked_device(device)
         on_cuda = self.device.type == "cuda"
         if cuda_graphs and not on_cuda:
@@ -190,19 +190,6 @@ class TorchRunner(Runner):
         if array.dtype.kind == "f" and declared is not None and declared.kind == "f":
             return array.astype(declared, copy=False)
         return array.astype(np.float32) if array.dtype == np.float16 else array
-
-
-def _describe_model(model: object) -> str:
-    if isinstance(model, onnx.ModelProto):
-        return f"<ONNX model {model.graph.name or 'graph'!r}>"
-    if isinstance(model, (bytes, bytearray)):
-        return f"<{len(model)} bytes of ONNX>"
-    if isinstance(model, (str, os.PathLike)):
-        path = os.fspath(model)
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"ONNX model not found: {path}")
-        return repr(path)
-    raise ValueError(f"model must be a path, serialized ONNX bytes or an onnx.ModelProto, got {type(model).__name__}")
 
 
 def _load(model: str | os.PathLike | bytes | onnx.ModelProto) -> onnx.ModelProto:

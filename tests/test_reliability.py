@@ -13,7 +13,6 @@ or waits ("gate") until a Ctrl-C arrives, so the signal lands inside that stage;
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import json
 import os
@@ -34,6 +33,7 @@ from PIL import Image
 
 from disasm.compiler.transaction import LOCK_SUFFIX, STAGING_TAG
 from test_inputs import LABELS, _jpeg, _png_header_only, save, seg_model, write_scene
+from test_transaction import leftovers, snapshot
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="forks, and reads /proc")
 
@@ -189,19 +189,6 @@ def wait_for(condition, run: Run | None = None, process: subprocess.Popen | None
         assert not (process and process.poll() is not None), f"ended before the event: {process.communicate()}"
         assert time.monotonic() < deadline, "the event never came"
         time.sleep(0.005)
-
-
-def snapshot(folder: Path) -> dict[str, str]:
-    """Every file under `folder` (relative path -> sha256); {} when it does not exist."""
-    if not folder.exists():
-        return {}
-    return {p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
-
-
-def leftovers(out: Path) -> list[str]:
-    """What a run may leave beside its output folder: staging folders, the lock, an earlier set moved aside."""
-    return sorted(p.name for p in out.parent.iterdir() if p.name.startswith(f".{out.name}."))
 
 
 def listing(folder: Path) -> list[str]:

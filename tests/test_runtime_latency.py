@@ -267,7 +267,7 @@ def test_missing_or_broken_models_say_which(tmp_path):
     with pytest.raises(Exception) as caught:
         OnnxRuntimeRunner(b"not an onnx model")
     assert any("<17 bytes of ONNX>" in note for note in caught.value.__notes__)
-    with pytest.raises(ValueError, match="model must be a path or serialized ONNX bytes, got int"):
+    with pytest.raises(ValueError, match="model must be a path, serialized ONNX bytes or an onnx.ModelProto, got int"):
         OnnxRuntimeRunner(3)
 
 
