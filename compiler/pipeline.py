@@ -61,7 +61,8 @@ SEARCH_TRIALS = len(ALPHAS).bit_length()  # trials of the binary search, at most
 HOLD_OUT_EVERY = 4   # without --eval-images, every fourth calibration image is held out for judging
 # Defaults chosen by benchmarks/results/frontier.md: at the fidelity target, the mean of the Disassembler and Taylor
 # scores with the sequential refit cut no corpus model less than the Disassembler with the independent refit, and 3
-# of 8 more (road 0.928x -> 0.867x MACs, PAN 0.760x -> 0.685x, TwinLiteNet 0.629x -> 0.604x).
+# of 8 more (road 0.928x -> 0.867x MACs, PAN 0.760x -> 0.685x, TwinLiteNet 0.612x -> 0.585x). Finetuning is off by
+# default: on 2-5 calibration images it moved no model's frontier and made BodyPix's cuts worse on the judged images.
 CRITERION = "disassembler+taylor"
 COMPENSATION = "sequential"
 
