@@ -299,7 +299,7 @@ class Finetuner:
         if self._plain is None:
             self._plain = TorchGraph(self.pruned, device=self.device)
             for name, parameter in self.parameters.items():
-                _constants(self._plain)[name] = parameter
+                self._plain.set_constant(name, parameter)
         with torch.no_grad():
             out = self._plain.run({self.input_name: torch.from_numpy(np.ascontiguousarray(x))})
         return out[self._plain.output_names[0]].cpu().numpy()
@@ -508,23 +508,15 @@ def _single_input(graph: TorchGraph, which: str) -> str:
     return graph.input_names[0]
 
 
-def _constants(graph: TorchGraph) -> dict[str, torch.Tensor]:
-    """The interpreter's initializer values (name -> tensor), which each run reads afresh."""
-    constants = getattr(graph, "_constants", None)
-    if not isinstance(constants, dict):
-        raise DisasmError("finetune: this TorchGraph keeps no `_constants` dict of initializer values to train")
-    return constants
-
-
 def _make_trainable(graph: TorchGraph, names: list[str]) -> dict[str, torch.nn.Parameter]:
-    constants = _constants(graph)
+    constants = graph.constants
     missing = [n for n in names if n not in constants]
     if missing:
         raise DisasmError(f"finetune: the interpreter holds no value for the initializers {missing[:5]}")
     parameters = {}
     for name in names:
         parameters[name] = torch.nn.Parameter(constants[name].detach().clone().float())
-        constants[name] = parameters[name]
+        graph.set_constant(name, parameters[name])
     return parameters
 
 

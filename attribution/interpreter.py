@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from types import MappingProxyType
 
 import numpy as np
 import onnx
@@ -82,6 +83,17 @@ class TorchGraph:
         self._release_after = _last_uses(self._steps, set(self.output_names))
 
     # -- public ----------------------------------------------------------------------------------------------------
+
+    @property
+    def constants(self) -> Mapping[str, torch.Tensor]:
+        """The initializer values every run reads (name -> tensor, constants folded at construction included)."""
+        return MappingProxyType(self._constants)
+
+    def set_constant(self, name: str, value: torch.Tensor) -> None:
+        """Replace an initializer's value, e.g. by a trainable torch.nn.Parameter; every later run reads it."""
+        if name not in self._constants:
+            raise DisasmError(f"TorchGraph: no initializer named {name!r}")
+        self._constants[name] = value
 
     def run(self, inputs: Mapping[str, torch.Tensor], capture: Iterable[str] = ()) -> dict[str, torch.Tensor]:
         """Runs the graph and returns the graph outputs plus every tensor named in `capture`.

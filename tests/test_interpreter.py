@@ -1083,3 +1083,23 @@ def test_cuda_golden_cases_and_decoders_match_cpu(decoder_exports) -> None:
             weights = torch.from_numpy(_rand(*out["out"].shape, seed=16)).to(device)
             grads.append(torch.autograd.grad((out["out"] * weights).sum(), [out[capture]])[0].cpu())
         torch.testing.assert_close(grads[1], grads[0], rtol=1e-3, atol=1e-4)
+
+
+def test_a_constant_set_by_name_is_what_later_runs_read():
+    graph = helper.make_graph([helper.make_node("Mul", ["x", "w"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])],
+                              [numpy_helper.from_array(np.array([2.0, 3.0], np.float32), "w")])
+    interpreter = TorchGraph(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    x = torch.ones(2)
+    assert interpreter.run({"x": x})["y"].tolist() == [2.0, 3.0]
+    weight = torch.nn.Parameter(torch.tensor([5.0, 7.0]))
+    interpreter.set_constant("w", weight)
+    y = interpreter.run({"x": x})["y"]
+    assert y.tolist() == [5.0, 7.0] and interpreter.constants["w"] is weight
+    y.sum().backward()
+    assert weight.grad.tolist() == [1.0, 1.0]  # trainable through the interpreter
+    with pytest.raises(DisasmError, match="no initializer named 'v'"):
+        interpreter.set_constant("v", weight)
+    with pytest.raises(TypeError):
+        interpreter.constants["w"] = weight  # read-only: set_constant is the one way in
