@@ -102,7 +102,7 @@ class Model:
     external_data: tuple[str, ...] = ()  # external data files, relative to the model's folder
     sources: dict[str, str] = field(default_factory=dict)  # setting -> where its value came from
     removed_heads: tuple[str, ...] = ()  # other outputs of the file, removed with the layers only they use
-    subnormals: int = 0                  # subnormal weights set to 0 at load (see flush_subnormals)
+    subnormals: int = 0                  # subnormal and tiny weights set to 0 at load (flush_subnormals)
     activation: str | None = None        # output of the final Softmax/Sigmoid over the classes, if the graph has one:
     #                                      attribution reads the logits before it (saturated probabilities have no
     #                                      usable gradient)
@@ -197,22 +197,29 @@ def fold_constants(proto: onnx.ModelProto) -> onnx.ModelProto:
     return folded
 
 
+# Float32 weights smaller than this in magnitude are set to 0 at load: subnormal ones (below 1.2e-38) take a slow path
+# in every multiplication on x86 CPUs, and so do the products of the tiny normal ones with small activations (the
+# loaded TwinLiteNet ran 1.6x faster with its 5,028 weights below 1e-30 zeroed, outputs bitwise identical;
+# benchmarks/results/latency.md). Such a weight moves no output by anything float32 resolves.
+TINY_WEIGHT = 1e-30
+
+
 def flush_subnormals(proto: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
-    """`proto` with every subnormal float32 initializer value set to 0, and how many there were. Such weights (below
-    1.2e-38) take a slow path in every multiplication on x86 CPUs (measured: road-segmentation-adas 2.04x and
-    TwinLiteNet 3.19x slower in ONNX Runtime) while changing no output beyond float32 resolution; pruning removes
-    many of them, so leaving them in would credit the cut with a speed-up it did not make."""
-    tiny, count = np.finfo(np.float32).tiny, 0
+    """`proto` with every float32 initializer value below TINY_WEIGHT in magnitude (subnormal, or so small that its
+    products are) set to 0, and how many there were. Pruning rewrites many of them away, so leaving them in would
+    credit the cut with a speed-up it did not make (measured: road-segmentation-adas 2.04x and TwinLiteNet 3.19x
+    slower in ONNX Runtime with its subnormal weights, 1.6x with the tiny normal ones)."""
+    tiny, count = TINY_WEIGHT, 0
     flushed = onnx.ModelProto()
     flushed.CopyFrom(proto)
     for tensor in flushed.graph.initializer:
         if tensor.data_type != onnx.TensorProto.FLOAT:
             continue
         values = numpy_helper.to_array(tensor)
-        subnormal = (values != 0) & (np.abs(values) < tiny)
-        if subnormal.any():
-            count += int(subnormal.sum())
-            tensor.CopyFrom(numpy_helper.from_array(np.where(subnormal, 0, values).astype(np.float32), tensor.name))
+        small = (values != 0) & (np.abs(values) < tiny)
+        if small.any():
+            count += int(small.sum())
+            tensor.CopyFrom(numpy_helper.from_array(np.where(small, 0, values).astype(np.float32), tensor.name))
     return flushed, count
 
 

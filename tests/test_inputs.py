@@ -545,7 +545,8 @@ def test_subnormal_weights_are_zeroed_at_load(tmp_path):
     model = seg_model()
     w = next(t for t in model.graph.initializer if t.name == "w2")
     values = numpy_helper.to_array(w).copy()
-    values.flat[:5] = 1e-40
+    values.flat[:5] = [1e-40, -1e-40, 1e-35, -3e-31, 9e-31]  # subnormal, and normal but below TINY_WEIGHT
+    values.flat[5] = 2e-30  # kept
     w.CopyFrom(numpy_helper.from_array(values, "w2"))
     loaded = load_model(save(model, tmp_path / "m.onnx"), LABELS)
     assert loaded.subnormals == 5
