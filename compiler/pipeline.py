@@ -43,7 +43,7 @@ from disasm.compiler.cost import model_cost
 from disasm.compiler.errors import DisasmError
 from disasm.compiler.images import ImageFolder, load_images, load_masks, parse_size, preprocess, scan_images
 from disasm.compiler.labels import LabelSet, match_categories
-from disasm.compiler.load import Model, Overrides, load_model, write_onnx
+from disasm.compiler.load import Model, Overrides, flush_subnormals, load_model, write_onnx
 from disasm.compiler.outputs import OutputPlan, add_output_head, plan_outputs
 from disasm.compiler.prune import prune
 from disasm.compiler.transaction import OutputTransaction, deferred_interrupts, raise_if_interrupted
@@ -237,6 +237,7 @@ def specialise(model: Model, analysis: ChannelAnalysis, attribution: Attribution
         pruned = finetune(pruned, model.proto, calibration.inputs, plan.sources, model.output_kind, model.class_axis,
                           calibration.finetune, device=calibration.device, history=history,
                           teacher=calibration.teacher)
+    pruned, _ = flush_subnormals(pruned)  # refitted or trained weights obey the loader's rule for tiny values too
     return Specialised(pruned, keep_sets, choices, plan, fallbacks, losses, blocked, history)
 
 
