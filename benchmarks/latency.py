@@ -27,8 +27,9 @@ off, ORT_ENABLE_ALL, sequential), on one judged image preprocessed as the pipeli
 - `pruned`: the compiled pruned.onnx (its chosen-or-none head included);
 - `raw source`: the file as shipped (no folding, subnormals kept, every head), shown beside, never the baseline;
 - `full, tiny weights zeroed` / `pruned, tiny weights zeroed`, where a model holds weights below 1e-30 (normal floats
-  the loader's subnormal flush keeps, whose products with activations are subnormal): a stricter like-for-like pair,
-  both with those weights set to 0 (`zero_tiny_weights`; the outputs it changes are recorded);
+  whose products with activations are subnormal; the loader zeroes them since compiler.load.TINY_WEIGHT, so this pair
+  only differs for models compiled before): both with compiler.load.flush_subnormals applied again (the outputs it
+  changes are recorded);
 - `full, DAZ/FTZ` / `pruned, DAZ/FTZ`: the stricter pair for every model, both run with denormals flushed by the CPU
   (`flushing`), so that subnormal weights, activations and products cost what normal ones do;
 - with --round-to-variants 1,4,16: the same alpha re-specialised with another --round-to (budget fixed).
@@ -60,12 +61,12 @@ from typing import Callable
 import numpy as np
 import onnx
 import onnxruntime as ort
-from onnx import numpy_helper
 
 from disasm.compiler.cost import model_cost
 from disasm.compiler.files import write_atomic
 from disasm.compiler.images import load_images, parse_size, preprocess
-from disasm.compiler.load import Model, load_model, write_onnx
+from disasm.compiler.load import TINY_WEIGHT as TINY
+from disasm.compiler.load import Model, flush_subnormals, load_model, write_onnx
 from disasm.compiler.pipeline import Request, Stages, compile_model
 from disasm.runtime.latency import LatencyStats, measure_latency, paired_speedup
 from disasm.runtime.onnxrt import OnnxRuntimeRunner
@@ -80,7 +81,6 @@ RESULTS = ROOT / "benchmarks" / "results"
 FINDINGS = ROOT / "benchmarks" / "latency_findings.md"  # hand-written analysis, appended to latency.md
 CUT_HARD = 0.8      # models at or below this MACs ratio must reach REALISED_TARGET (issue #12)
 REALISED_TARGET = 0.85
-TINY = 1e-30        # weights below this magnitude are zeroed in the stricter like-for-like pair (zero_tiny_weights)
 STRICT_FULL, STRICT_PRUNED = "full, tiny weights zeroed", "pruned, tiny weights zeroed"
 DAZ_FULL, DAZ_PRUNED = "full, DAZ/FTZ", "pruned, DAZ/FTZ"  # denormals flushed by the CPU (`flushing`)
 BASELINES = {STRICT_PRUNED: STRICT_FULL, DAZ_PRUNED: DAZ_FULL}
@@ -137,7 +137,7 @@ def _matches(report: dict, request: Request) -> bool:
     settings = report.get("settings", {})
     wanted = {"selection": request.selection.to_dict(), "criterion": request.criterion,
               "compensation": request.compensate, "min_fidelity": request.min_fidelity,
-              "finetune": getattr(request, "finetune", 0)}
+              "finetune": request.finetune}
     return all(settings.get(k, 0 if k == "finetune" else None) == v for k, v in wanted.items())
 
 
@@ -365,23 +365,6 @@ def _stats(s: LatencyStats) -> dict:
     return {"median_ms": s.median_ms, "p10_ms": s.p10_ms, "p90_ms": s.p90_ms}
 
 
-def zero_tiny_weights(proto: onnx.ModelProto, limit: float = TINY) -> tuple[onnx.ModelProto, int]:
-    """`proto` with every float32 initializer value of magnitude below `limit` (but not 0) set to 0, and how many.
-    The loader flushes subnormal weights (below 1.2e-38); weights just above that are normal floats, but their
-    products with activations are subnormal, which costs x86 cores the same slow path."""
-    zeroed, count = onnx.ModelProto(), 0
-    zeroed.CopyFrom(proto)
-    for tensor in zeroed.graph.initializer:
-        if tensor.data_type != onnx.TensorProto.FLOAT:
-            continue
-        values = numpy_helper.to_array(tensor)
-        tiny = (values != 0) & (np.abs(values) < limit)
-        if tiny.any():
-            count += int(tiny.sum())
-            tensor.CopyFrom(numpy_helper.from_array(np.where(tiny, 0, values).astype(np.float32), tensor.name))
-    return zeroed, count
-
-
 def _pair(profiles: dict, base: str, new: str, ratio: float, full: onnx.ModelProto, pruned: onnx.ModelProto) -> dict:
     """The profile comparison of one (full, pruned) pair: excess over ideal per category, and the cut convs."""
     a, b = profiles[base]["by_category_ms"], profiles[new]["by_category_ms"]
@@ -403,8 +386,8 @@ def measure_job(job: Job, folder: Path, cache: Path | None, threads: int, runs: 
     full_cost, pruned_cost = model_cost(model.proto, input_shape), model_cost(pruned, input_shape)
     variants = {"full": full_path, "full A/A": full_path, "pruned": pruned_path, "raw source": model.path}
     macs = {"pruned": pruned_cost.macs / full_cost.macs}
-    strict_full, tiny_full = zero_tiny_weights(model.proto)
-    strict_pruned, tiny_pruned = zero_tiny_weights(pruned)
+    strict_full, tiny_full = flush_subnormals(model.proto)  # the loader's rule, again: 0 once it applied it
+    strict_pruned, tiny_pruned = flush_subnormals(pruned)
     strict = {}
     if tiny_full or tiny_pruned:
         for name, proto in ((STRICT_FULL, strict_full), (STRICT_PRUNED, strict_pruned)):
@@ -597,8 +580,9 @@ def denormal_table(rows: list[dict]) -> list[str]:
         return []
     lines = ["", "## Denormals: stricter like for like", "",
              "Subnormal floats take a slow microcode path on x86 unless the thread runs with denormals-are-zero / "
-             "flush-to-zero (DAZ/FTZ). The loader zeroes subnormal weights (below 1.2e-38) but keeps tiny normal "
-             f"ones (below {TINY:g}), whose products are subnormal, and it cannot touch subnormal activations. The "
+             f"flush-to-zero (DAZ/FTZ). The loader zeroes weights below {TINY:g}, subnormal ones and the tiny normal "
+             "ones whose products are subnormal (rows measured before it did only zeroed the subnormal ones), and it "
+             "cannot touch subnormal activations. The "
              "refit rewrites the consumers of cut channels, removing many tiny weights, and cut channels take their "
              "subnormal activations with them: against the baseline as loaded, both count as speed-up. Two stricter "
              f"pairs, timed in the same rounds: **tiny zeroed**, weights below {TINY:g} set to 0 in both models; "
