@@ -73,7 +73,7 @@ def _ratios_panel(ax: Any, report: dict[str, Any]) -> None:
     for bar, v in zip(bars, values):
         ax.text(bar.get_x() + bar.get_width() / 2, v, f"{v:.3f}", ha="center", va="bottom", fontsize=8)
     ax.tick_params(axis="x", labelsize=8)
-    ax.set_ylim(0, 1.15)
+    ax.set_ylim(0, max(1.15, 1.1 * max(values)))  # a slower pruned model's bar and label stay inside the axes
     backend = f", latency on {lat['backend']}" if lat.get("backend") and lat.get("speedup") else ""
     ax.set_title(f"pruned / full{backend}", fontsize=10)
 
