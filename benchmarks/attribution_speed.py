@@ -1,6 +1,6 @@
 """Attribution cost per image against one ONNX Runtime forward of the same model, and against an earlier version.
 
-    python benchmarks/attribution_speed.py                     # the shipped example and three corpus models
+    python benchmarks/attribution_speed.py                     # the shipped example and every corpus model
     python benchmarks/attribution_speed.py --models example --moments --baseline HEAD~3 --threads 1
 
 Writes benchmarks/results/attribution_speed_<device>[_moments].{json,md}. Per model, on a batch of its calibration
@@ -45,7 +45,6 @@ from disasm.runtime.onnxrt import OnnxRuntimeRunner
 ROOT = Path(__file__).resolve().parents[1]
 CORPUS = ROOT.parent / "shared" / "corpus"
 sys.path.insert(0, str(ROOT / "benchmarks"))
-DEFAULT_MODELS = ("example", "pan-mnv3s-skin-clothes-hair", "road-segmentation-adas-0001", "twinlitenet-drivable-lanes")
 
 
 def baseline_module(revision: str) -> types.ModuleType:
@@ -199,7 +198,7 @@ def markdown(rows: list[dict], args, threads: int) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", default=",".join(DEFAULT_MODELS), help="'example' and/or corpus model names")
+    parser.add_argument("--models", help="'example' and/or corpus model names, comma-separated (default: all)")
     parser.add_argument("--images", type=int, default=8, help="calibration images loaded per model")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--batch-size", type=int, default=8)
@@ -213,7 +212,9 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     baseline = baseline_module(args.baseline) if args.baseline else None
     rows = []
-    for name in args.models.split(","):
+    from corpus_models import corpus_entries
+    names = args.models.split(",") if args.models else ["example", *(e["name"] for e in corpus_entries(CORPUS))]
+    for name in names:
         print(f"== {name}", file=sys.stderr, flush=True)
         rows.append(measure(name, args, baseline))
         print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
