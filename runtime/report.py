@@ -156,7 +156,7 @@ def _latency_rows(lat: dict[str, Any]) -> list[tuple[str, str, str, str]]:
         return []
     speedup = lat.get("speedup")
     rows = [(f"latency median ({lat.get('backend', '?')})", f"{full['median_ms']:.2f} ms",
-             f"{pruned['median_ms']:.2f} ms", "" if speedup is None else f"{speedup:.2f}x faster")]
+             f"{pruned['median_ms']:.2f} ms", "" if speedup is None else _speed_text(speedup))]
     spreads = [f"{d['p10_ms']:.2f}-{d['p90_ms']:.2f} ms" if d.get("p10_ms") is not None and d.get("p90_ms") is not None
                else "n/a" for d in (full, pruned)]
     if spreads != ["n/a", "n/a"]:
@@ -166,6 +166,24 @@ def _latency_rows(lat: dict[str, Any]) -> list[tuple[str, str, str, str]]:
         rows.append((f"  p10-p90{counted}", *spreads,
                      "" if paired is None else f"{paired.p10:.2f}-{paired.p90:.2f}x"))
     return rows
+
+
+def _speed_text(speedup: float) -> str:
+    """'1.25x faster' or '1.15x slower': never '0.87x faster', which reads as a gain."""
+    return f"{speedup:.2f}x faster" if speedup >= 1 else f"{1 / speedup:.2f}x slower"
+
+
+def _speed_line(report: dict[str, Any]) -> str | None:
+    """A warning when the pruned model ran slower than the full one in (nearly) every paired round: smaller is not
+    faster on this backend, and the user should not have to find that in a ratio column."""
+    lat = _dict(report.get("latency"))
+    full, pruned = _dict(lat.get("full")), _dict(lat.get("pruned"))
+    paired = _paired_speedup(full, pruned) if full and pruned else None
+    if paired is None or paired.p90 >= 1:
+        return None
+    return (f"warning: the pruned model ran {_speed_text(lat.get('speedup') or paired.of_medians)} than the full one on "
+            f"{lat.get('backend', 'this backend')} (p10-p90 of the paired rounds {paired.p10:.2f}-{paired.p90:.2f}x): "
+            "fewer MACs did not become time on this backend")
 
 
 def _paired_speedup(full: dict[str, Any], pruned: dict[str, Any]) -> SpeedupStats | None:
@@ -254,9 +272,9 @@ def print_report(report: dict[str, Any], console: Console) -> None:
     console.print(Text(headline(report), style=style))
     console.print(terminal_table(report))
     for line in (_output_line(report), _fidelity_line(report), _images_line(report), _note(report),
-                 _search_line(report), _engines_line(report)):
+                 _search_line(report), _speed_line(report), _engines_line(report)):
         if line:
-            console.print(Text(line))
+            console.print(Text(line, style="yellow" if line.startswith("warning:") else ""))
     ch = _dict(report.get("channels"))
     if ch:
         fragile = (f"; fragile (consumer output loss > {ch['fragile_threshold']:.0%}): {ch['fragile']}"
@@ -335,7 +353,8 @@ def markdown(report: dict[str, Any]) -> str:
     categories = _categories(report)
     if categories:
         lines.append(f"Chosen categories: {', '.join(categories)}  ")
-    for line in (_output_line(report), _fidelity_line(report), _images_line(report), _note(report)):
+    for line in (_output_line(report), _fidelity_line(report), _images_line(report), _note(report),
+                 _speed_line(report)):
         if line:
             lines.append(line[0].upper() + line[1:] + "  ")
     if model.get("sha256"):

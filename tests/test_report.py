@@ -220,3 +220,21 @@ def test_images_line_says_when_judged_images_are_calibration_images():
     assert "8 of the judged are also calibration images, so fidelity on them is optimistic" in markdown(report)
     report["images"]["judged_in_calibration"] = 0
     assert "none of the judged is a calibration image; no file skipped" in markdown(report)
+
+
+def test_a_slower_pruned_model_is_called_slower_and_warned_about():
+    """0.87x must read '1.15x slower', not '0.87x faster'; when the pruned model lost in (nearly) every paired round
+    a warning line says so in the terminal and in report.md, and a win or a tie inside the noise gives none."""
+    report = full_report(met=True)
+    full = LatencyStats("full", 3, 40.0, 39.0, 41.0, 40.0, 39.0, samples_ms=(40.0, 39.0, 41.0))
+    slower = LatencyStats("pruned", 3, 46.0, 45.0, 48.0, 46.3, 45.0, samples_ms=(46.0, 45.0, 48.0))
+    report["latency"] |= {"runs": 3, "full": asdict(full), "pruned": asdict(slower), "speedup": 40.0 / 46.0}
+    assert summary_rows(report)[[r[0] for r in summary_rows(report)].index(
+        "latency median (onnxruntime-cpu)")][3] == "1.15x slower"
+    warning = "warning: the pruned model ran 1.15x slower than the full one on onnxruntime-cpu"
+    assert warning in terminal_text(report) and warning.capitalize() in markdown(report)
+    mixed = LatencyStats("pruned", 3, 40.0, 30.0, 46.0, 38.7, 30.0, samples_ms=(46.0, 30.0, 40.0))  # one round won
+    report["latency"] |= {"pruned": asdict(mixed), "speedup": 1.0}
+    assert "warning" not in terminal_text(report).lower() and "1.00x faster" in terminal_text(report)
+    report["latency"] |= {"pruned": {"median_ms": 25.0}, "speedup": 1.6}  # no samples: no paired spread, no warning
+    assert "1.60x faster" in terminal_text(report) and "warning" not in markdown(report).lower()
