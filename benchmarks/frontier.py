@@ -48,19 +48,17 @@ from disasm.attribution.allocate import LossCurves, MacModel, allocate, mac_mode
 from disasm.attribution.baselines import criterion_scores
 from disasm.attribution.cache import images_digest
 from disasm.attribution.calibration import cache_keys, calibrate
-from disasm.attribution.compensate import DEFAULT_RIDGE, lsq_compensation, mean_compensation
+from disasm.attribution.compensate import DEFAULT_RIDGE
 from disasm.attribution.disassembler import Attribution, AttributionSettings
-from disasm.attribution.finetune import TeacherTargets, finetune
-from disasm.attribution.refit import sequential_compensation
+from disasm.attribution.finetune import TeacherTargets
 from disasm.attribution.select import SelectionSettings, group_scores, select_channels, select_with_budget
 from disasm.compiler.channels import ChannelAnalysis, analyse
 from disasm.compiler.cost import model_cost
 from disasm.compiler.files import write_atomic
 from disasm.compiler.images import load_images, load_masks, parse_size, preprocess, scan_images
 from disasm.compiler.load import Model, load_model
-from disasm.compiler.outputs import add_output_head, plan_outputs
-from disasm.compiler.pipeline import ALPHAS, MIN_FIDELITY, class_output_blocker, parse_categories
-from disasm.compiler.prune import prune
+from disasm.compiler.pipeline import (ALPHAS, MIN_FIDELITY, Calibration, assemble, compensate, every_channel,
+                                      finetuned, output_layout, parse_categories)
 from disasm.runtime.fidelity import evaluate_fidelity
 from disasm.runtime.onnxrt import OnnxRuntimeRunner
 
@@ -183,50 +181,35 @@ class Trial:
 def specialise(bench: Bench, method: Method, setting: float, cut: bool = True) -> tuple[onnx.ModelProto, Any, int | None]:
     """pipeline.specialise with the method's criterion, allocation and compensation (alpha or MAC target)."""
     model, analysis, attribution = bench.model, bench.analysis, bench.attribution
-    plan = plan_outputs(model.classes, bench.categories, model.background, model.output_kind)
-    targets = sorted({k for sources in plan.sources for k in sources})
-    blocked = class_output_blocker(analysis)
-    sliced = plan.single_sources if blocked is None else None
-    rows = plan.row_order if blocked is None else np.arange(len(model.classes))  # as pipeline.specialise
-    class_keep = sliced if sliced is not None else rows
+    layout = output_layout(model, analysis, bench.categories)
     selection = SelectionSettings() if method.allocation == "global" else SelectionSettings(alpha=setting)
-    scores = group_scores(attribution, analysis, targets, selection)
+    scores = group_scores(attribution, analysis, layout.targets, selection)
     if method.allocation == "global":
         if bench.macs is None:
             bench.macs = mac_model(model.proto, analysis, bench.input_shape)
-        keep_sets, _, curves = allocate(model.proto, analysis, attribution, scores, selection, class_keep,
+        keep_sets, _, curves = allocate(model.proto, analysis, attribution, scores, selection, layout.rows,
                                         bench.macs, setting, curves=bench.curves.get(method.criterion))
         bench.curves[method.criterion] = curves
     else:
-        keep_sets, choices = select_channels(analysis, scores, selection, class_keep)
+        keep_sets, choices = select_channels(analysis, scores, selection, layout.rows)
         if method.criterion != "disassembler":
-            baseline = criterion_scores(method.criterion, model.proto, analysis, attribution, targets, selection)
+            baseline = criterion_scores(method.criterion, model.proto, analysis, attribution, layout.targets,
+                                        selection)
             keep_sets = select_with_budget(baseline, choices, keep_sets)
     if not cut:
-        keep_sets = {g: (np.arange(analysis.groups[g].size) if g != analysis.class_group else keep)
-                     for g, keep in keep_sets.items()}
-    replacements, levels = None, None
-    if method.compensation == "mean":
-        replacements = mean_compensation(model.proto, analysis, keep_sets, attribution)
-    elif method.compensation == "lsq":
-        replacements, _ = lsq_compensation(model.proto, analysis, keep_sets, attribution, method.ridge)
-    elif method.compensation == "sequential":
-        with torch.no_grad():
-            refit = sequential_compensation(model.proto, analysis, keep_sets, bench.calibration, method.ridge,
-                                            batch_size=bench.batch_size, threads=bench.threads,
-                                            scope=method.scope)
-        replacements, levels = refit.replacements, refit.levels
-    metadata = {"disasm.classes": ",".join(plan.names), "disasm.background": plan.none or ""}
-    pruned = prune(model.proto, analysis, keep_sets, metadata=metadata, replacements=replacements)
-    if sliced is None:
-        pruned = add_output_head(pruned, plan, model.class_axis, rows)
+        keep_sets = every_channel(analysis, keep_sets)
+    calibration = Calibration(bench.calibration, bench.batch_size, threads=bench.threads, finetune=method.finetune)
+    refit = {"ridge": method.ridge} | ({"scope": method.scope} if method.compensation == "sequential" else {})
+    replacements, _, levels = compensate(model, analysis, keep_sets, attribution, method.compensation, calibration,
+                                         **refit)
+    metadata = {"disasm.classes": ",".join(layout.plan.names), "disasm.background": layout.plan.none or ""}
+    pruned = assemble(model, analysis, layout, keep_sets, replacements, metadata)
     if method.finetune and cut:
         if bench.teacher is None:
-            bench.teacher = TeacherTargets(model.proto, bench.calibration, plan.sources, model.output_kind,
+            bench.teacher = TeacherTargets(model.proto, bench.calibration, layout.plan.sources, model.output_kind,
                                            model.class_axis, batch_size=bench.batch_size)
-        pruned = finetune(pruned, model.proto, bench.calibration, plan.sources, model.output_kind, model.class_axis,
-                          method.finetune, teacher=bench.teacher)
-    return pruned, plan, levels
+        pruned = finetuned(pruned, model, layout.plan, replace(calibration, teacher=bench.teacher))
+    return pruned, layout.plan, levels
 
 
 def trial(bench: Bench, method: Method, setting: float, cut: bool = True) -> Trial:

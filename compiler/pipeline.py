@@ -184,6 +184,80 @@ def class_output_blocker(analysis: ChannelAnalysis) -> str | None:
     return blocked[0] if blocked else None
 
 
+@dataclass(frozen=True)
+class OutputLayout:
+    """How the class conv meets the output plan: sliced to the plan's classes, or kept whole with every class
+    gathered at the output (a Softmax over the classes follows it, say)."""
+
+    plan: OutputPlan
+    blocked: str | None  # why the class conv could not be sliced, or None
+    rows: np.ndarray     # the class conv's rows in the pruned model, as full-model class ids
+
+    @property
+    def targets(self) -> list[int]:
+        """The classes whose channels the output needs: those of its channels. A "none" channel is the max of every
+        class not chosen, so each of them must still win where the full model answers it (else a road pixel turns
+        car)."""
+        return sorted({k for sources in self.plan.sources for k in sources})
+
+
+def output_layout(model: Model, analysis: ChannelAnalysis, categories: list[str],
+                  others: str = "chosen-or-none") -> OutputLayout:
+    plan = plan_outputs(model.classes, categories, model.background, model.output_kind, others)
+    blocked = class_output_blocker(analysis)
+    sliced = plan.single_sources if blocked is None else None
+    # sliced: the plan's classes; else all, reordered for a cheap head where the conv's rows may move
+    rows = sliced if sliced is not None else plan.row_order if blocked is None else np.arange(len(model.classes))
+    return OutputLayout(plan, blocked, rows)
+
+
+def every_channel(analysis: ChannelAnalysis, keep_sets: dict[int, np.ndarray]) -> dict[int, np.ndarray]:
+    """The uncut keep-sets: every channel of every group, the class conv's rows as the layout keeps them."""
+    return {g: (np.arange(analysis.groups[g].size) if g != analysis.class_group else keep)
+            for g, keep in keep_sets.items()}
+
+
+def compensate(model: Model, analysis: ChannelAnalysis, keep_sets: dict[int, np.ndarray], attribution: Attribution,
+               method: str, calibration: Calibration | None, **refit: Any) -> tuple[dict | None, list[str], Any]:
+    """New weights for the consumers of cut channels by `method` (COMPENSATIONS): (replacements, the consumers
+    folded by mean instead, the sequential refit's levels). `refit`: ridge (lsq, sequential) and scope (sequential)."""
+    if method == "mean":
+        return mean_compensation(model.proto, analysis, keep_sets, attribution), [], None
+    if method == "lsq":
+        return (*lsq_compensation(model.proto, analysis, keep_sets, attribution, **refit), None)
+    if method == "sequential":
+        if calibration is None:
+            raise ValueError("the sequential refit needs the calibration images")
+        import torch
+
+        with torch.no_grad():
+            result = sequential_compensation(model.proto, analysis, keep_sets, calibration.inputs,
+                                             device=calibration.device, batch_size=calibration.batch_size,
+                                             threads=calibration.threads, **refit)
+        return result.replacements, result.fallbacks, result.levels
+    return None, [], None
+
+
+def assemble(model: Model, analysis: ChannelAnalysis, layout: OutputLayout, keep_sets: dict[int, np.ndarray],
+             replacements: dict | None, metadata: dict[str, str]) -> onnx.ModelProto:
+    """The surgery, the chosen-or-none head where the class conv keeps every class, and the loader's rule for tiny
+    weights (refitted weights obey it too)."""
+    pruned = prune(model.proto, analysis, keep_sets, metadata=metadata, replacements=replacements)
+    if layout.plan.single_sources is None or layout.blocked is not None:
+        pruned = add_output_head(pruned, layout.plan, model.class_axis, layout.rows)
+    return flush_subnormals(pruned)[0]
+
+
+def finetuned(pruned: onnx.ModelProto, model: Model, plan: OutputPlan, calibration: Calibration,
+              history: list[dict[str, Any]] | None = None) -> onnx.ModelProto:
+    """`calibration.finetune` epochs of label-free finetuning of `pruned` (attribution.finetune)."""
+    from disasm.attribution.finetune import finetune
+
+    pruned = finetune(pruned, model.proto, calibration.inputs, plan.sources, model.output_kind, model.class_axis,
+                      calibration.finetune, device=calibration.device, history=history, teacher=calibration.teacher)
+    return flush_subnormals(pruned)[0]
+
+
 def specialise(model: Model, analysis: ChannelAnalysis, attribution: Attribution, categories: list[str],
                selection: SelectionSettings, compensation: str, settings: dict[str, Any],
                criterion: str = "disassembler", others: str = "chosen-or-none", cut: bool = True,
@@ -192,59 +266,27 @@ def specialise(model: Model, analysis: ChannelAnalysis, attribution: Attribution
     self-describing metadata, and finetuning when `calibration.finetune` asks for it. A criterion other than the
     Disassembler picks its own channels within the Disassembler's per-group budget. With `cut` False every channel is
     kept (the uncut model, same output, never finetuned). The sequential refit and finetuning need `calibration`."""
-    plan = plan_outputs(model.classes, categories, model.background, model.output_kind, others)
-    targets = _targets(model, categories, plan)
-    blocked = class_output_blocker(analysis)
-    sliced = plan.single_sources if blocked is None else None  # class conv rows kept: the plan's classes, else all
-    rows = plan.row_order if blocked is None else np.arange(len(model.classes))  # reordered for a cheap head
-    class_keep = sliced if sliced is not None else rows
-    scores = group_scores(attribution, analysis, targets, selection)
-    keep_sets, choices = select_channels(analysis, scores, selection, class_keep)
+    layout = output_layout(model, analysis, categories, others)
+    plan = layout.plan
+    scores = group_scores(attribution, analysis, layout.targets, selection)
+    keep_sets, choices = select_channels(analysis, scores, selection, layout.rows)
     if criterion != "disassembler":
-        baseline = criterion_scores(criterion, model.proto, analysis, attribution, targets, selection)
+        baseline = criterion_scores(criterion, model.proto, analysis, attribution, layout.targets, selection)
         keep_sets = select_with_budget(baseline, choices, keep_sets)
     if not cut:
-        keep_sets = {g: (np.arange(analysis.groups[g].size) if g != analysis.class_group else keep)
-                     for g, keep in keep_sets.items()}
+        keep_sets = every_channel(analysis, keep_sets)
         choices = [replace(c, kept=c.size, padded=0, reason=c.reason or "uncut: no trial met the fidelity target")
                    if c.group != analysis.class_group else c for c in choices]
-    replacements, fallbacks = None, []
-    if compensation == "mean":
-        replacements = mean_compensation(model.proto, analysis, keep_sets, attribution)
-    elif compensation == "lsq":
-        replacements, fallbacks = lsq_compensation(model.proto, analysis, keep_sets, attribution)
-    elif compensation == "sequential":
-        if calibration is None:
-            raise ValueError("the sequential refit needs the calibration images")
-        import torch
-
-        with torch.no_grad():
-            refit = sequential_compensation(model.proto, analysis, keep_sets, calibration.inputs,
-                                            device=calibration.device, batch_size=calibration.batch_size,
-                                            threads=calibration.threads)
-        replacements, fallbacks = refit.replacements, refit.fallbacks
+    replacements, fallbacks, _ = compensate(model, analysis, keep_sets, attribution, compensation, calibration)
     metadata = {"disasm.classes": ",".join(plan.names), "disasm.background": plan.none or "",
                 "disasm.output": model.output_kind, **model.preprocessing.metadata(),
                 "disasm.source_sha256": model.sha256, "disasm.settings": json.dumps(settings, sort_keys=True)}
-    pruned = prune(model.proto, analysis, keep_sets, metadata=metadata, replacements=replacements)
-    if sliced is None:
-        pruned = add_output_head(pruned, plan, model.class_axis, rows)
+    pruned = assemble(model, analysis, layout, keep_sets, replacements, metadata)
     losses = consumer_losses(model.proto, analysis, keep_sets, attribution, replacements)
     history: list[dict[str, Any]] = []
     if cut and calibration is not None and calibration.finetune > 0:
-        from disasm.attribution.finetune import finetune
-
-        pruned = finetune(pruned, model.proto, calibration.inputs, plan.sources, model.output_kind, model.class_axis,
-                          calibration.finetune, device=calibration.device, history=history,
-                          teacher=calibration.teacher)
-    pruned, _ = flush_subnormals(pruned)  # refitted or trained weights obey the loader's rule for tiny values too
-    return Specialised(pruned, keep_sets, choices, plan, fallbacks, losses, blocked, history)
-
-
-def _targets(model: Model, categories: list[str], plan: OutputPlan) -> list[int]:
-    """The classes whose channels the output needs: those of its channels. A "none" channel is the max of every class
-    not chosen, so each of them must still win where the full model answers it (else a road pixel turns car)."""
-    return sorted({k for sources in plan.sources for k in sources})
+        pruned = finetuned(pruned, model, plan, calibration, history)
+    return Specialised(pruned, keep_sets, choices, plan, fallbacks, losses, layout.blocked, history)
 
 
 def parse_categories(text: str, model: Model) -> list[str]:
