@@ -13,8 +13,9 @@ Models: every model of ../shared/corpus/corpus.json with its first listed catego
 its folder, the rest --eval-images; benchmarks/corpus.py's request), and the shipped example (circle,star,
 examples/data/calib, eval images examples/data/eval/images). Each is compiled by compile_model at the pipeline's
 defaults (budget search; engines off) into --pruned DIR/<model>/ (pruned.onnx, report.json); a folder holding both,
-made from the same model with the settings a compile would use now, is reused, so a later run times the same models
-(a stale one is compiled again). Without --pruned they go to a temporary folder.
+made from the same model with the settings a compile would use now by the same compiler/ and attribution/ source
+(DIR/<model>.code-sha256), is reused, so a later run times the same models (a stale one is compiled again).
+Without --pruned they go to a temporary folder.
 
 Timed, interleaved in one process (disasm.runtime.latency.measure_latency: every round runs each candidate once,
 rotating the order), all ONNX Runtime CPU sessions with the same options (--threads intra-op threads, thread spinning
@@ -48,6 +49,7 @@ profiled run.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import sys
@@ -131,6 +133,16 @@ def chosen_alpha(report: dict) -> float | None:
     return float(setting.split()[1]) if setting.startswith("alpha ") else None
 
 
+def _code_digest() -> str:
+    """The source of everything that decides a pruned model (loader, analysis, selection, refit, surgery): a folder
+    compiled by other code (the loader's tiny-weight rule once changed both models without changing a setting) is
+    compiled again."""
+    digest = hashlib.sha256()
+    for path in sorted(p for folder in ("compiler", "attribution") for p in (ROOT / folder).rglob("*.py")):
+        digest.update(path.relative_to(ROOT).as_posix().encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()
+
+
 def _matches(report: dict, request: Request) -> bool:
     """Whether a kept compile was made by the same model and the settings `request` would use now (the defaults
     change between releases: a stale folder is compiled again)."""
@@ -152,14 +164,17 @@ def compiled(job: Job, folder: Path, cache: Path | None, round_to: int | None = 
         if round_to is not None:
             request = replace(request, budget_fixed=True,
                               selection=replace(request.selection, alpha=alpha, round_to=round_to))
-        if (out / "pruned.onnx").is_file() and (out / "report.json").is_file():
+        code, stamp = _code_digest(), out.with_name(out.name + ".code-sha256")
+        if (out / "pruned.onnx").is_file() and (out / "report.json").is_file() and stamp.is_file():
             report = json.loads((out / "report.json").read_text())
-            if _matches(report, request) and report["model"]["sha256"] == job.load().sha256:
+            if (_matches(report, request) and report["model"]["sha256"] == job.load().sha256
+                    and stamp.read_text().strip() == code):
                 print(f"   reusing {out}", file=sys.stderr, flush=True)
                 return out / "pruned.onnx", report
         print(f"   compiling into {out}" + (f" (alpha {alpha}, round_to {round_to})" if round_to else ""),
               file=sys.stderr, flush=True)
         compile_model(request, Stages(quiet=False))
+        write_atomic(stamp, (code + "\n").encode())
     return out / "pruned.onnx", json.loads((out / "report.json").read_text())
 
 
