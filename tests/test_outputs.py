@@ -46,8 +46,9 @@ def expected(full: np.ndarray, sources: tuple[tuple[int, ...], ...], axis: int) 
     return np.concatenate([full.take(list(s), axis=axis).max(axis=axis, keepdims=True) for s in sources], axis=axis)
 
 
-HEAD_CASES = [  # (chosen, background): a "none" channel between chosen ones (Gathers), and one after them (a Split)
+HEAD_CASES = [  # (chosen, background): "none" rows around chosen ones (Split into rows, Max), "none" after them (Split)
     (["car"], "background"),
+    (["road", "car"], "background"),
     (["background", "road"], None),
 ]
 
@@ -77,6 +78,15 @@ def test_head_stays_after_a_transpose_whose_input_is_read_elsewhere(chosen, back
     np.testing.assert_array_equal(run(headed, x), expected(run(model, x), plan.sources, 3))
     transpose = next(n for n in headed.graph.node if n.op_type == "Transpose")
     assert transpose.input[0] == "scores"  # precondition: `scores` also feeds ReduceMean, so it keeps every class
+
+
+def test_restricted_head_takes_the_kept_rows_and_leaves_the_others_unread():
+    model = class_model(["Relu"])
+    plan = plan_outputs(CLASSES, ["car", "sky"], "background", "logits", mode="restricted")
+    x = np.random.default_rng(4).standard_normal((1, 3, 8, 8)).astype(np.float32)
+    headed = add_output_head(model, plan, axis=1, rows=np.arange(len(CLASSES)))  # the class conv kept whole
+    onnx.checker.check_model(headed)
+    np.testing.assert_array_equal(run(headed, x), run(model, x)[:, [0, 2, 4]])
 
 
 def test_head_without_a_layout_tail_is_built_at_the_output():
