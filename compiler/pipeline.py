@@ -194,6 +194,11 @@ class OutputLayout:
     rows: np.ndarray     # the class conv's rows in the pruned model, as full-model class ids
 
     @property
+    def sliced(self) -> bool:
+        """Whether the class conv's rows are the output's channels (else a head takes them apart at the output)."""
+        return self.blocked is None and self.plan.single_sources is not None
+
+    @property
     def targets(self) -> list[int]:
         """The classes whose channels the output needs: those of its channels. A "none" channel is the max of every
         class not chosen, so each of them must still win where the full model answers it (else a road pixel turns
@@ -205,9 +210,12 @@ def output_layout(model: Model, analysis: ChannelAnalysis, categories: list[str]
                   others: str = "chosen-or-none") -> OutputLayout:
     plan = plan_outputs(model.classes, categories, model.background, model.output_kind, others)
     blocked = class_output_blocker(analysis)
-    sliced = plan.single_sources if blocked is None else None
-    # sliced: the plan's classes; else all, reordered for a cheap head where the conv's rows may move
-    rows = sliced if sliced is not None else plan.row_order if blocked is None else np.arange(len(model.classes))
+    if blocked is not None:
+        rows = np.arange(len(model.classes))  # every class, in the model's order
+    elif plan.single_sources is not None:
+        rows = plan.single_sources  # exactly the output's classes
+    else:
+        rows = plan.row_order  # every class, reordered so that one Split takes the output's channels apart
     return OutputLayout(plan, blocked, rows)
 
 
@@ -243,7 +251,7 @@ def assemble(model: Model, analysis: ChannelAnalysis, layout: OutputLayout, keep
     """The surgery, the chosen-or-none head where the class conv keeps every class, and the loader's rule for tiny
     weights (refitted weights obey it too)."""
     pruned = prune(model.proto, analysis, keep_sets, metadata=metadata, replacements=replacements)
-    if layout.plan.single_sources is None or layout.blocked is not None:
+    if not layout.sliced:
         pruned = add_output_head(pruned, layout.plan, model.class_axis, layout.rows)
     return flush_subnormals(pruned)[0]
 
