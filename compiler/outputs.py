@@ -4,7 +4,7 @@
 model's background class where it has one (at its own place in that order), else a new channel `other`, last. The
 none channel holds the largest score of every class that is not chosen, so the pruned argmax is the full model's
 argmax with each non-chosen class read as none, exactly (ties aside): the class conv keeps every row and the max is
-taken after the output (a Gather of the chosen scores, a Gather + ReduceMax of the others, a Concat). The max, not
+taken after the output (a Split of the class scores, a ReduceMax or Max of the others, a Concat). The max, not
 the sum, also for probabilities: with a sum a chosen class would need more than all others together to win, which is
 not what the full model answers. Sigmoid (multi-label) models answer per category: they keep just the chosen channels.
 `restricted` keeps the chosen classes plus background and reads the full model by argmax over those only (the
