@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -93,8 +94,6 @@ def profile(model: onnx.ModelProto, x: np.ndarray, prefix: str) -> tuple[np.ndar
 
 
 def main() -> None:
-    import tempfile
-
     x = (np.random.default_rng(0).standard_normal((1, 4, H, W)) * 5).astype(np.float32)
     rows = []
     with tempfile.TemporaryDirectory() as work:
