@@ -58,7 +58,7 @@ from disasm.compiler.files import write_atomic
 from disasm.compiler.images import load_images, load_masks, parse_size, preprocess, scan_images
 from disasm.compiler.load import Model, load_model
 from disasm.compiler.pipeline import (ALPHAS, MIN_FIDELITY, Calibration, assemble, compensate, every_channel,
-                                      finetuned, output_layout, parse_categories)
+                                      output_layout, parse_categories)
 from disasm.runtime.fidelity import evaluate_fidelity
 from disasm.runtime.onnxrt import OnnxRuntimeRunner
 
@@ -202,13 +202,12 @@ def specialise(bench: Bench, method: Method, setting: float, cut: bool = True) -
     refit = {"ridge": method.ridge} | ({"scope": method.scope} if method.compensation == "sequential" else {})
     replacements, _, levels = compensate(model, analysis, keep_sets, attribution, method.compensation, calibration,
                                          **refit)
+    if method.finetune and cut and bench.teacher is None:  # the full model's targets, once per model
+        bench.teacher = TeacherTargets(model.proto, bench.calibration, layout.plan.sources, model.output_kind,
+                                       model.class_axis, batch_size=bench.batch_size)
     metadata = {"disasm.classes": ",".join(layout.plan.names), "disasm.background": layout.plan.none or ""}
-    pruned = assemble(model, analysis, layout, keep_sets, replacements, metadata)
-    if method.finetune and cut:
-        if bench.teacher is None:
-            bench.teacher = TeacherTargets(model.proto, bench.calibration, layout.plan.sources, model.output_kind,
-                                           model.class_axis, batch_size=bench.batch_size)
-        pruned = finetuned(pruned, model, layout.plan, replace(calibration, teacher=bench.teacher))
+    pruned = assemble(model, analysis, layout, keep_sets, replacements, metadata,
+                      replace(calibration, teacher=bench.teacher) if cut else None)
     return pruned, layout.plan, levels
 
 

@@ -247,22 +247,20 @@ def compensate(model: Model, analysis: ChannelAnalysis, keep_sets: dict[int, np.
 
 
 def assemble(model: Model, analysis: ChannelAnalysis, layout: OutputLayout, keep_sets: dict[int, np.ndarray],
-             replacements: dict | None, metadata: dict[str, str]) -> onnx.ModelProto:
-    """The surgery, the chosen-or-none head where the class conv keeps every class, and the loader's rule for tiny
-    weights (refitted weights obey it too)."""
+             replacements: dict | None, metadata: dict[str, str], calibration: Calibration | None = None,
+             history: list[dict[str, Any]] | None = None) -> onnx.ModelProto:
+    """The surgery, the chosen-or-none head where the class conv keeps every class, `calibration.finetune` epochs of
+    label-free finetuning when given (attribution.finetune; per epoch into `history`), and last the loader's rule
+    for tiny weights (refitted and trained weights obey it too)."""
     pruned = prune(model.proto, analysis, keep_sets, metadata=metadata, replacements=replacements)
     if not layout.sliced:
         pruned = add_output_head(pruned, layout.plan, model.class_axis, layout.rows)
-    return flush_subnormals(pruned)[0]
+    if calibration is not None and calibration.finetune > 0:
+        from disasm.attribution.finetune import finetune
 
-
-def finetuned(pruned: onnx.ModelProto, model: Model, plan: OutputPlan, calibration: Calibration,
-              history: list[dict[str, Any]] | None = None) -> onnx.ModelProto:
-    """`calibration.finetune` epochs of label-free finetuning of `pruned` (attribution.finetune)."""
-    from disasm.attribution.finetune import finetune
-
-    pruned = finetune(pruned, model.proto, calibration.inputs, plan.sources, model.output_kind, model.class_axis,
-                      calibration.finetune, device=calibration.device, history=history, teacher=calibration.teacher)
+        pruned = finetune(pruned, model.proto, calibration.inputs, layout.plan.sources, model.output_kind,
+                          model.class_axis, calibration.finetune, device=calibration.device, history=history,
+                          teacher=calibration.teacher)
     return flush_subnormals(pruned)[0]
 
 
@@ -289,11 +287,10 @@ def specialise(model: Model, analysis: ChannelAnalysis, attribution: Attribution
     metadata = {"disasm.classes": ",".join(plan.names), "disasm.background": plan.none or "",
                 "disasm.output": model.output_kind, **model.preprocessing.metadata(),
                 "disasm.source_sha256": model.sha256, "disasm.settings": json.dumps(settings, sort_keys=True)}
-    pruned = assemble(model, analysis, layout, keep_sets, replacements, metadata)
+    history: list[dict[str, Any]] = []  # finetuning: cut trials only (the uncut model is the full one)
+    pruned = assemble(model, analysis, layout, keep_sets, replacements, metadata, calibration if cut else None,
+                      history)
     losses = consumer_losses(model.proto, analysis, keep_sets, attribution, replacements)
-    history: list[dict[str, Any]] = []
-    if cut and calibration is not None and calibration.finetune > 0:
-        pruned = finetuned(pruned, model, plan, calibration, history)
     return Specialised(pruned, keep_sets, choices, plan, fallbacks, losses, layout.blocked, history)
 
 

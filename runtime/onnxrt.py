@@ -75,7 +75,7 @@ class OnnxRuntimeRunner(Runner):
         optimization: str = "all",
         spinning: bool | None = None,
     ):
-        self.model_description = describe_model(model)
+        self.description = describe_model(model)
         options = _session_options(threads, optimization, spinning)
         self.providers: list[str] = _pick_providers(ort.get_available_providers())
         if hasattr(model, "SerializeToString"):  # an in-memory onnx.ModelProto (weights inside it)
@@ -87,9 +87,8 @@ class OnnxRuntimeRunner(Runner):
                 source, sess_options=options, providers=self.providers
             )
         except Exception as error:  # ONNX Runtime's own types (InvalidProtobuf, Fail, ...); keep them, add context.
-            error.add_note(f"while creating an ONNX Runtime session for {self.model_description}")
+            error.add_note(f"while creating an ONNX Runtime session for {self.description}")
             raise
-        self.description = self.model_description
         self.threads = threads
         self.optimization = optimization
         self.spinning = spinning
@@ -115,7 +114,7 @@ class OnnxRuntimeRunner(Runner):
 
     def __repr__(self) -> str:
         return (
-            f"OnnxRuntimeRunner({self.model_description}, threads={self.threads}, "
+            f"OnnxRuntimeRunner({self.description}, threads={self.threads}, "
             f"optimization={self.optimization!r}, spinning={self.spinning}, providers={self.providers})"
         )
 

@@ -175,9 +175,6 @@ class Runner(ABC):
         """Drop the backend's resources (called once, by `close`)."""
 
 
-__all__ = ["Feed", "FeedError", "InputSpec", "Runner", "check_feed"]
-
-
 def describe_model(model: object) -> str:
     """How a runner names its model in messages: a path (which must exist), bytes, or an in-memory ModelProto."""
     if hasattr(model, "graph") and hasattr(model, "SerializeToString"):  # onnx.ModelProto, without importing onnx
@@ -190,3 +187,6 @@ def describe_model(model: object) -> str:
             raise FileNotFoundError(f"ONNX model not found: {path}")
         return repr(path)
     raise ValueError(f"model must be a path, serialized ONNX bytes or an onnx.ModelProto, got {type(model).__name__}")
+
+
+__all__ = ["Feed", "FeedError", "InputSpec", "Runner", "check_feed", "describe_model"]

@@ -202,7 +202,7 @@ class TensorRTRunner(Runner):
     def __init__(self, engine: bytes | str | os.PathLike, device: int | None = None):
         trt = _require_module()
         torch = _require_cuda("run a TensorRT engine")
-        self.engine_description = self.description = _describe_engine(engine)
+        self.description = _describe_engine(engine)
         serialized = engine if isinstance(engine, (bytes, bytearray)) else Path(engine).read_bytes()
         self.device = torch.device("cuda", torch.cuda.current_device() if device is None else device)
         self.name = trt.__name__.replace("_", "-")
@@ -244,7 +244,7 @@ class TensorRTRunner(Runner):
             torch.cuda.synchronize(self.device)
             start = time.perf_counter_ns()
             if not context.execute_async_v3(stream.cuda_stream):
-                raise RuntimeError(f"{self.name}: executing {self.engine_description} failed")
+                raise RuntimeError(f"{self.name}: executing {self.description} failed")
             stream.synchronize()
             self.last_inference_ms = (time.perf_counter_ns() - start) / 1e6
             return [buffers[name].cpu().numpy() for name in self.output_names]
@@ -255,7 +255,7 @@ class TensorRTRunner(Runner):
         self._runtime = None
 
     def __repr__(self) -> str:
-        return f"TensorRTRunner({self.engine_description}, device={self.device})"
+        return f"TensorRTRunner({self.description}, device={self.device})"
 
 
 # --- module, GPU and target -----------------------------------------------------------------------------------------
