@@ -44,7 +44,7 @@ class SelectionSettings:
         """Kept counts of a group of `size` channels are multiples of this. Auto (round_to None), measured in
         benchmarks/results/latency.md: 8 where the size is a multiple of 8 (TensorRT FP16's channel vectors; ONNX
         Runtime CPU was as fast at 8 as at 4, and 16 was never faster), else 4 where it is a multiple of 4 (fewer
-        sends ONNX Runtime's conv to its plain kernel: 3-81 such convs cost the corpus models 0.46-0.94x of the
+        sends ONNX Runtime's conv to its plain kernel: 3-81 such convs cost the corpus models 0.57-0.84x of the
         8-rounded speed), else 1: the full model already runs that group off the blocks, so any count costs no
         layout change. A given round_to: its multiples where the size is one, else 1."""
         if self.round_to is not None:
