@@ -72,6 +72,7 @@ from disasm.compiler.load import Model, flush_subnormals, load_model, write_onnx
 from disasm.compiler.pipeline import Request, Stages, compile_model
 from disasm.runtime.latency import LatencyStats, measure_latency, paired_speedup
 from disasm.runtime.onnxrt import OnnxRuntimeRunner
+from disasm.runtime.onnxrt import session_options as runner_session_options
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -183,17 +184,11 @@ def compiled(job: Job, folder: Path, cache: Path | None, round_to: int | None = 
 
 def session_options(threads: int, profile_prefix: str | None = None, optimised_path: str | None = None,
                     flush: bool = False) -> ort.SessionOptions:
-    """The options OnnxRuntimeRunner uses (disasm.runtime.onnxrt), plus profiling / saving the optimised graph, and
-    with `flush` denormals-are-zero on ONNX Runtime's worker threads (the calling thread: `flushing`)."""
-    options = ort.SessionOptions()
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    """The options OnnxRuntimeRunner uses (spinning off), plus profiling / saving the optimised graph, and with
+    `flush` denormals-are-zero on ONNX Runtime's worker threads (the calling thread: `flushing`)."""
+    options = runner_session_options(threads, spinning=False)
     if flush:
         options.add_session_config_entry("session.set_denormal_as_zero", "1")
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.log_severity_level = 3
     if profile_prefix:
         options.enable_profiling = True
         options.profile_file_prefix = profile_prefix

@@ -29,6 +29,7 @@ import onnxruntime as ort
 from onnx import TensorProto, helper
 
 from disasm.compiler.files import write_atomic
+from disasm.runtime.onnxrt import session_options
 
 ROOT = Path(__file__).resolve().parents[1]
 H, W, RUNS = 512, 896, 20
@@ -76,9 +77,7 @@ def variants() -> dict[str, onnx.ModelProto]:
 
 def profile(model: onnx.ModelProto, x: np.ndarray, prefix: str) -> tuple[np.ndarray, dict[str, float]]:
     """The first output and the median kernel milliseconds per op kind over RUNS profiled runs (1 thread)."""
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = options.inter_op_num_threads = 1
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options = session_options(1, spinning=False)  # as OnnxRuntimeRunner's sessions
     options.enable_profiling, options.profile_file_prefix = True, prefix
     session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
     out = session.run(["y"], {"x": x})[0]

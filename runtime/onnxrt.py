@@ -76,7 +76,7 @@ class OnnxRuntimeRunner(Runner):
         spinning: bool | None = None,
     ):
         self.description = describe_model(model)
-        options = _session_options(threads, optimization, spinning)
+        options = session_options(threads, optimization, spinning)
         self.providers: list[str] = _pick_providers(ort.get_available_providers())
         if hasattr(model, "SerializeToString"):  # an in-memory onnx.ModelProto (weights inside it)
             source = model.SerializeToString()
@@ -119,7 +119,8 @@ class OnnxRuntimeRunner(Runner):
         )
 
 
-def _session_options(threads: int | None, optimization: str, spinning: bool | None = None) -> ort.SessionOptions:
+def session_options(threads: int | None, optimization: str = "all", spinning: bool | None = None) -> ort.SessionOptions:
+    """The options every OnnxRuntimeRunner session gets (benchmarks that need a raw session add theirs on top)."""
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
         raise ValueError(f"threads must be a positive integer or None (ONNX Runtime's default), got {threads!r}")
     if optimization not in OPTIMIZATION_LEVELS:
